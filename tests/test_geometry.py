@@ -1,0 +1,197 @@
+"""Geometry against a float64 SciPy reference and analytic cases (DESIGN section 1)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy.ndimage import map_coordinates
+
+import tfmlreg
+from tfmlreg import geometry
+from tfmlreg.layers import ComposeDisplacement, ImagePyramid, Resample, SpatialTransformer
+
+TOL = 1e-4  # of the image range, the issue's bound
+
+
+def centres_mm(shape, spacing):
+    axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def reference_sample(volume, points_mm, spacing, fill_value=None):
+    """float64 trilinear sampling of one (D, H, W, C) volume with the DESIGN conventions."""
+    index = points_mm / np.asarray(spacing, np.float64) - 0.5
+    out = np.stack(
+        [map_coordinates(volume[..., c].astype(np.float64), np.moveaxis(index, -1, 0), order=1,
+                         mode="nearest") for c in range(volume.shape[-1])],
+        axis=-1,
+    )
+    if fill_value is not None:
+        dims = np.asarray(volume.shape[:3])
+        inside = np.all((index >= -0.5) & (index <= dims - 0.5), axis=-1)
+        out[~inside] = fill_value
+    return out
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 12, 10, 9, 2)).astype(np.float32)
+    spacing = np.array([[1.0, 2.0, 1.5], [0.7, 1.2, 2.5]], np.float32)
+    displacement = (rng.normal(size=(2, 12, 10, 9, 3)) * 2.5).astype(np.float32)
+    return image, displacement, spacing
+
+
+def test_warp_matches_scipy_with_per_sample_anisotropic_spacing(batch):
+    image, displacement, spacing = batch
+    warped = np.asarray(tfmlreg.warp(image, displacement, spacing, fill_value=-3.0))
+    scale = image.max() - image.min()
+    for b in range(2):
+        points = centres_mm(image.shape[1:4], spacing[b]) + displacement[b]
+        expected = reference_sample(image[b], points, spacing[b], fill_value=-3.0)
+        assert np.abs(warped[b] - expected).max() <= TOL * scale
+    # the batch really differs per sample: swapping spacings changes the result
+    swapped = np.asarray(tfmlreg.warp(image, displacement, spacing[::-1], fill_value=-3.0))
+    assert np.abs(swapped - warped).max() > 0.1
+
+
+def test_identity_and_translation():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(1, 10, 10, 10, 1)).astype(np.float32)
+    zero = np.zeros((1, 10, 10, 10, 3), np.float32)
+    np.testing.assert_allclose(tfmlreg.warp(image, zero, 2.0), image, atol=1e-6)
+    # a shift of exactly one voxel (2 mm at 2 mm spacing) along axis 1 moves the image by one index
+    shift = zero.copy()
+    shift[..., 1] = 2.0
+    warped = np.asarray(tfmlreg.warp(image, shift, 2.0, fill_value=7.0))
+    np.testing.assert_allclose(warped[:, :, :-1], image[:, :, 1:], atol=1e-6)
+    # the last row samples at the domain edge (clamped border value), beyond it fill_value
+    shift[..., 1] = 2.5
+    warped = np.asarray(tfmlreg.warp(image, shift, 2.0, fill_value=7.0))
+    assert np.all(warped[:, :, -1] == 7.0)
+
+
+def affine_field(matrix, offset, shape, spacing):
+    x = centres_mm(shape, spacing)
+    return (x @ np.asarray(matrix).T + np.asarray(offset))[None].astype(np.float32)
+
+
+def test_compose_affine_maps_matches_analytic_composition():
+    shape, spacing = (16, 14, 12), (1.0, 1.5, 2.0)
+    a_outer, t_outer = np.array([[0.05, 0.02, 0], [0, -0.04, 0.01], [0.03, 0, 0.02]]), [1.0, -0.5, 0.8]
+    a_inner, t_inner = np.array([[-0.03, 0, 0.02], [0.01, 0.05, 0], [0, 0.02, -0.04]]), [-0.7, 0.6, 0.4]
+    outer = affine_field(a_outer, t_outer, shape, spacing)
+    inner = affine_field(a_inner, t_inner, shape, spacing)
+    composed = np.asarray(tfmlreg.compose(outer, inner, spacing))[0]
+    x = centres_mm(shape, spacing)
+    y_inner = x + inner[0]
+    expected = y_inner + (y_inner @ a_outer.T + t_outer) - x
+    interior = (slice(3, -3),) * 3  # away from the border, where the field is clamped
+    scale = np.abs(expected).max()
+    assert np.abs(composed[interior] - expected[interior]).max() <= TOL * scale
+
+
+def test_resampling_a_linear_field_is_exact_inside_the_domain():
+    matrix, offset = np.array([[0.1, 0.2, -0.1], [0.0, 0.3, 0.1], [0.2, 0.0, -0.2]]), [1, 2, 3]
+    spacing = np.array([2.0, 3.0, 1.0])
+    coarse = affine_field(matrix, offset, (8, 6, 10), spacing)
+    fine_shape = (16, 12, 20)
+    fine = np.asarray(tfmlreg.resample_displacement(coarse, spacing, fine_shape))[0]
+    expected = affine_field(matrix, offset, fine_shape, spacing / 2)[0]
+    # inside the outermost coarse cell centres, trilinear interpolation of a linear field is exact
+    inside = (slice(1, -1),) * 3
+    assert np.abs(fine[inside] - expected[inside]).max() <= TOL * np.abs(expected).max()
+    # and the physical extent is kept: coarsening back gives the coarse field at its centres
+    back = np.asarray(tfmlreg.resample_displacement(fine[None], spacing / 2, (8, 6, 10)))[0]
+    assert np.abs(back - coarse[0])[1:-1, 1:-1, 1:-1].max() <= TOL * np.abs(coarse).max()
+
+
+def test_sample_at_points_matches_reference(batch):
+    image, _, spacing = batch
+    rng = np.random.default_rng(2)
+    extent = np.asarray(image.shape[1:4]) * spacing[:, None, :].squeeze(1)
+    points = (rng.uniform(-0.1, 1.1, size=(2, 7, 3)) * extent[:, None, :]).astype(np.float32)
+    values = np.asarray(geometry.sample(image, points, spacing))
+    for b in range(2):
+        np.testing.assert_allclose(values[b], reference_sample(image[b], points[b], spacing[b]),
+                                   atol=TOL * np.ptp(image))
+
+
+def test_warp_gradient_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    image = tf.constant(rng.normal(size=(1, 6, 6, 6, 1)), tf.float32)
+    displacement = tf.Variable(rng.uniform(-0.4, 0.4, size=(1, 6, 6, 6, 3)).astype(np.float32))
+    spacing = np.array([1.0, 1.3, 0.8], np.float32)
+    weights = tf.constant(rng.normal(size=(1, 6, 6, 6, 1)), tf.float32)
+
+    def objective(u):
+        return tf.reduce_sum(tfmlreg.warp(image, u, spacing) * weights)
+
+    with tf.GradientTape() as tape:
+        value = objective(displacement)
+    analytic = tape.gradient(value, displacement).numpy()
+    step = 1e-2
+    for index in [(0, 2, 3, 1, 0), (0, 3, 2, 2, 1), (0, 1, 4, 3, 2)]:
+        plus, minus = displacement.numpy(), displacement.numpy()
+        plus[index] += step
+        minus[index] -= step
+        numeric = (objective(plus) - objective(minus)).numpy() / (2 * step)
+        assert abs(numeric - analytic[index]) <= 1e-2 * max(1.0, abs(numeric))
+
+
+def test_xla_equals_eager(batch):
+    image, displacement, spacing = batch
+    eager = np.asarray(tfmlreg.warp(image, displacement, spacing))
+    xla = tf.function(lambda i, u, s: tfmlreg.warp(i, u, s), jit_compile=True)
+    np.testing.assert_allclose(xla(image, displacement, spacing), eager, atol=1e-5)
+    compose = tf.function(lambda a, b, s: tfmlreg.compose(a, b, s), jit_compile=True)
+    np.testing.assert_allclose(
+        compose(displacement, displacement, spacing),
+        tfmlreg.compose(displacement, displacement, spacing), rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_mixed_precision_keeps_geometry_in_float32(batch):
+    image, displacement, spacing = batch
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = SpatialTransformer()
+        out = layer(tf.cast(image, tf.float16), tf.cast(displacement, tf.float16), spacing)
+        composed = ComposeDisplacement()(displacement, displacement, spacing)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out.dtype == tf.float32 and composed.dtype == tf.float32
+    assert tfmlreg.warp(tf.cast(image, tf.float16), displacement).dtype == tf.float32
+
+
+def test_pyramid_averages_and_rejects_sizes_that_do_not_divide():
+    volume = np.arange(8 * 8 * 4, dtype=np.float32).reshape(1, 8, 8, 4, 1)
+    levels = ImagePyramid(3)(volume)
+    assert [tuple(v.shape[1:4]) for v in levels] == [(8, 8, 4), (4, 4, 2), (2, 2, 1)]
+    np.testing.assert_allclose(levels[1][0, 0, 0, 0, 0], volume[0, :2, :2, :2, 0].mean())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        geometry.pyramid(np.zeros((1, 8, 8, 12, 1), np.float32), 4)
+
+
+def test_spacing_forms_broadcast():
+    assert tuple(geometry.as_spacing(2.0, 3).shape) == (3, 3)
+    assert tuple(geometry.as_spacing([1.0, 2.0, 3.0], 2).shape) == (2, 3)
+    with pytest.raises(ValueError, match="spacing"):
+        geometry.as_spacing(np.ones((2, 2, 3)))
+
+
+def test_model_with_layers_survives_save_and_load(tmp_path, batch):
+    image, displacement, spacing = batch
+    image_in = keras.Input((12, 10, 9, 2))
+    field_in = keras.Input((12, 10, 9, 3))
+    spacing_in = keras.Input((3,))
+    warped = SpatialTransformer(fill_value=1.0)(image_in, field_in, spacing_in)
+    composed = ComposeDisplacement()(field_in, field_in, spacing_in)
+    coarse = Resample((6, 5, 3))(composed, spacing_in)
+    model = keras.Model([image_in, field_in, spacing_in], [warped, coarse])
+    path = tmp_path / "layers.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for before, after in zip(model([image, displacement, spacing]),
+                             loaded([image, displacement, spacing])):
+        np.testing.assert_array_equal(before, after)

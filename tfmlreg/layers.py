@@ -1,0 +1,97 @@
+"""Keras layers over :mod:`tfmlreg.geometry`, one geometric idea per layer.
+
+Every layer here computes in float32 (``dtype="float32"`` unless the caller overrides it), so a
+``mixed_float16`` / ``mixed_bfloat16`` policy speeds up the convolutions but never the geometry.
+All are registered for ``.keras`` saving under the package name ``tfmlreg``.
+"""
+
+import keras
+from keras import ops
+
+from tfmlreg import geometry
+
+serializable = keras.saving.register_keras_serializable(package="tfmlreg")
+
+
+class _Float32Layer(keras.layers.Layer):
+    """Base: float32 compute dtype by default, whatever the global policy."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+
+@serializable
+class SpatialTransformer(_Float32Layer):
+    """Pull-back trilinear warp ``M(x + u(x))``; ``call(image, displacement, spacing)``, u in mm."""
+
+    def __init__(self, fill_value=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.fill_value = fill_value
+
+    def call(self, image, displacement, spacing=1.0):
+        return geometry.warp(image, displacement, spacing, self.fill_value)
+
+    def get_config(self):
+        return {**super().get_config(), "fill_value": self.fill_value}
+
+
+@serializable
+class ComposeDisplacement(_Float32Layer):
+    """Displacement of ``outer ∘ inner``; ``call(outer, inner, spacing)``, both mm on one grid."""
+
+    def call(self, outer, inner, spacing=1.0):
+        return geometry.compose(outer, inner, spacing)
+
+
+@serializable
+class Resample(_Float32Layer):
+    """Carry a field to ``target_shape`` over the same domain (prolongation when finer)."""
+
+    def __init__(self, target_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.target_shape = tuple(int(n) for n in target_shape)
+
+    def call(self, volume, spacing=1.0):
+        return geometry.resample(volume, spacing, self.target_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "target_shape": self.target_shape}
+
+
+@serializable
+class ImagePyramid(_Float32Layer):
+    """``[level 1, ..., level L]`` by repeated 2×2×2 average pooling; level 1 is the input."""
+
+    def __init__(self, levels, **kwargs):
+        super().__init__(**kwargs)
+        self.levels = int(levels)
+
+    def call(self, volume):
+        return geometry.pyramid(volume, self.levels)
+
+    def get_config(self):
+        return {**super().get_config(), "levels": self.levels}
+
+
+@serializable
+class IntensityWindow(_Float32Layer):
+    """Clip raw intensities to ``window`` and map it to [0, 1] (CT default: lung window in HU).
+
+    Part of the model so the exported model takes raw intensities. Values below the window map
+    to 0, which is also the fill value used for points warped out of the domain.
+    """
+
+    def __init__(self, window=(-1000.0, 200.0), **kwargs):
+        super().__init__(**kwargs)
+        low, high = (float(v) for v in window)
+        if not high > low:
+            raise ValueError(f"window: expected (low, high) with high > low, got {window}")
+        self.window = (low, high)
+
+    def call(self, image):
+        low, high = self.window
+        return ops.clip((ops.cast(image, "float32") - low) / (high - low), 0.0, 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "window": self.window}

@@ -1,0 +1,162 @@
+"""The multilevel registration model (the paper's Algorithm 1) as one ``keras.Model``.
+
+Level 1 is the network input grid, level ``L`` the coarsest. On level ``l`` the moving image is
+warped by the composition ``Y_l`` of all coarser deformations, prolongated to level ``l``; the
+level's U-Net sees ``(M_l(Y_l), F_l)`` and returns ``y_l``, and the new total is ``Y_l ∘ y_l``:
+the finer correction is applied first (innermost), because the network registers ``F_l`` to the
+already-warped image ``M_l(Y_l)``, i.e. ``F_l(x) ≈ M_l(Y_l(y_l(x)))``. (The paper writes the
+composition as ``y_1 ∘ ... ∘ y_L``; read with ``(a ∘ b)(x) = a(b(x))`` and pull-back warping,
+the order that matches its Algorithm 1 is ``y_L ∘ ... ∘ y_1``.)
+
+Training happens one level at a time (``active_level``): the finer levels are not computed, the
+coarser ones are frozen, and the loss of eq. 2 is taken on the active level's grid, on the total
+displacement of that level (as in conventional multilevel schemes the regulariser acts on the
+whole deformation ``y``, not only the level's increment).
+"""
+
+import keras
+from keras import ops
+
+from tfmlreg import geometry, losses
+from tfmlreg.layers import IntensityWindow, serializable
+from tfmlreg.networks import required_divisor, unet
+
+DEFAULT_WINDOW = (-1000.0, 200.0)  # HU: air to soft tissue, so lungs and vessels use the range
+LOSS_TERMS = ("ngf", "curvature", "mask")
+
+
+@serializable
+class MultilevelRegistration(keras.Model):
+    """mlVIRNET: one U-Net per level, coarse to fine; ``levels=1`` is the single-level baseline.
+
+    Inputs: a dict ``{"fixed", "moving": (B, D, H, W, 1) raw intensities, "spacing": (B, 3) mm}``,
+    plus optional one-hot ``"fixed_mask"`` / ``"moving_mask"`` ``(B, D, H, W, K)`` (labels 1..K)
+    used by the training loss only. Outputs: a dict with ``"displacement"`` (mm, finest grid),
+    ``"warped"`` (the moving image in its raw intensities) and ``"displacement_level{l}"`` (the
+    total displacement on level ``l``'s grid, mm) for every computed level.
+
+    ``alpha``, ``beta`` and ``epsilon`` weigh the loss ``NGF + α·S + β/2·mask`` (eq. 2); ``epsilon``
+    is in normalised intensity per mm (the window maps to [0, 1]).
+    """
+
+    def __init__(self, shape, levels=3, base_filters=16, depth=3, convs_per_block=2,
+                 intensity_window=DEFAULT_WINDOW, alpha=1.0, beta=1.0, epsilon=0.01,
+                 active_level=1, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = geometry.check_divisible(
+            shape, 2 ** (levels - 1) * required_divisor(depth), "shape"
+        )
+        self.levels = int(levels)
+        self.base_filters, self.depth, self.convs_per_block = base_filters, depth, convs_per_block
+        self.alpha, self.beta, self.epsilon = float(alpha), float(beta), float(epsilon)
+        self.normalise = IntensityWindow(intensity_window, name="intensity_window")
+        self.nets = [
+            unet(geometry.level_shape(self.shape, level) + (2,), base_filters, depth,
+                 convs_per_block, name=f"unet_level{level}")
+            for level in range(1, self.levels + 1)
+        ]
+        self.trackers = {term: keras.metrics.Mean(name=term) for term in LOSS_TERMS}
+        # A fresh model trains all levels jointly (end to end, loss on the active level);
+        # fit_progressive freezes the coarser levels stage by stage, as the paper does.
+        self.active_level = self._check_level(active_level)
+        self.built = True
+
+    # --- levels -------------------------------------------------------------------------------
+
+    def net(self, level):
+        """The U-Net of ``level`` (1 = finest)."""
+        return self.nets[level - 1]
+
+    def _check_level(self, level):
+        if not 1 <= int(level) <= self.levels:
+            raise ValueError(f"active_level: expected 1..{self.levels}, got {level}")
+        return int(level)
+
+    def set_active_level(self, level):
+        """Compute levels ``L..level`` and freeze all but ``level``'s network. Recompile after."""
+        self.active_level = self._check_level(level)
+        for index, net in enumerate(self.nets, start=1):
+            net.trainable = index == level
+
+    def level_spacing(self, spacing, level):
+        return spacing * float(2 ** (level - 1))
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def call(self, inputs, training=None):
+        fixed, moving = inputs["fixed"], inputs["moving"]
+        spacing = geometry.as_spacing(inputs["spacing"], ops.shape(fixed)[0])
+        fixed_levels = geometry.pyramid(self.normalise(fixed), self.levels)
+        moving_levels = geometry.pyramid(self.normalise(moving), self.levels)
+        outputs = {}
+        total = None
+        for level in range(self.levels, self.active_level - 1, -1):
+            total = self._refine(level, total, fixed_levels, moving_levels, spacing, training)
+            outputs[f"displacement_level{level}"] = total
+        displacement = geometry.resample_displacement(
+            total, self.level_spacing(spacing, self.active_level), self.shape
+        )
+        outputs["displacement"] = displacement
+        outputs["warped"] = geometry.warp(moving, displacement, spacing, self.normalise.window[0])
+        return outputs
+
+    def _refine(self, level, coarse_total, fixed_levels, moving_levels, spacing, training):
+        """One step of Algorithm 1: warp ``M_l`` by the prolongated coarse total, run the level's net."""
+        level_spacing = self.level_spacing(spacing, level)
+        level_dims = geometry.level_shape(self.shape, level)
+        moving = moving_levels[level - 1]
+        if coarse_total is not None:
+            coarse_total = geometry.resample_displacement(
+                coarse_total, self.level_spacing(spacing, level + 1), level_dims
+            )
+            moving = geometry.warp(moving, coarse_total, level_spacing)
+        pair = ops.concatenate([moving, fixed_levels[level - 1]], axis=-1)
+        increment = ops.cast(self.net(level)(pair, training=training), "float32")
+        increment = increment * level_spacing[:, None, None, None, :]
+        if coarse_total is None:
+            return increment
+        return geometry.compose(coarse_total, increment, level_spacing)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Eq. 2 on the active level's grid; ``y`` is unused (unsupervised + masks from ``x``)."""
+        terms = self.loss_terms(x, y_pred)
+        for name in LOSS_TERMS:
+            self.trackers[name].update_state(terms[name])
+        loss = ops.mean(terms["loss"])
+        extra = self.losses
+        return loss + ops.sum(extra) if extra else loss
+
+    def loss_terms(self, inputs, outputs):
+        """Per-sample ``{"loss", "ngf", "curvature", "mask"}`` of eq. 2 on the active level."""
+        level = self.active_level
+        spacing = self.level_spacing(
+            geometry.as_spacing(inputs["spacing"], ops.shape(inputs["fixed"])[0]), level
+        )
+        total = outputs[f"displacement_level{level}"]
+        fixed = self._at_level(self.normalise(inputs["fixed"]), level)
+        warped = geometry.warp(self._at_level(self.normalise(inputs["moving"]), level), total, spacing)
+        masks = {}
+        if "fixed_mask" in inputs and "moving_mask" in inputs:
+            masks["fixed_onehot"] = self._at_level(inputs["fixed_mask"], level)
+            masks["warped_onehot"] = geometry.warp(
+                self._at_level(inputs["moving_mask"], level), total, spacing
+            )
+        return losses.registration_loss_terms(
+            fixed, warped, total, spacing, self.alpha, self.beta, self.epsilon, **masks
+        )
+
+    def _at_level(self, volume, level):
+        return geometry.pyramid(volume, level)[-1]
+
+    # --- Keras plumbing -----------------------------------------------------------------------
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "shape": self.shape, "levels": self.levels, "base_filters": self.base_filters,
+            "depth": self.depth, "convs_per_block": self.convs_per_block,
+            "intensity_window": self.normalise.window, "alpha": self.alpha, "beta": self.beta,
+            "epsilon": self.epsilon, "active_level": self.active_level,
+        }
