@@ -19,7 +19,7 @@ from keras import ops
 
 from tfmlreg import geometry, losses
 from tfmlreg.layers import IntensityWindow, serializable
-from tfmlreg.networks import required_divisor, unet
+from tfmlreg.networks import BATCHNORM_MOMENTUM, required_divisor, unet
 
 DEFAULT_WINDOW = (-1000.0, 200.0)  # HU: air to soft tissue, so lungs and vessels use the range
 LOSS_TERMS = ("ngf", "curvature", "mask")
@@ -41,18 +41,20 @@ class MultilevelRegistration(keras.Model):
 
     def __init__(self, shape, levels=3, base_filters=16, depth=3, convs_per_block=2,
                  intensity_window=DEFAULT_WINDOW, alpha=1.0, beta=1.0, epsilon=0.01,
-                 active_level=1, **kwargs):
+                 batchnorm_momentum=BATCHNORM_MOMENTUM, active_level=1, **kwargs):
         super().__init__(**kwargs)
         self.shape = geometry.check_divisible(
             shape, 2 ** (levels - 1) * required_divisor(depth), "shape"
         )
         self.levels = int(levels)
         self.base_filters, self.depth, self.convs_per_block = base_filters, depth, convs_per_block
+        self.batchnorm_momentum = float(batchnorm_momentum)
         self.alpha, self.beta, self.epsilon = float(alpha), float(beta), float(epsilon)
         self.normalise = IntensityWindow(intensity_window, name="intensity_window")
         self.nets = [
             unet(geometry.level_shape(self.shape, level) + (2,), base_filters, depth,
-                 convs_per_block, name=f"unet_level{level}")
+                 convs_per_block, batchnorm_momentum=self.batchnorm_momentum,
+                 name=f"unet_level{level}")
             for level in range(1, self.levels + 1)
         ]
         self.trackers = {term: keras.metrics.Mean(name=term) for term in LOSS_TERMS}
@@ -123,7 +125,8 @@ class MultilevelRegistration(keras.Model):
         """Eq. 2 on the active level's grid; ``y`` is unused (unsupervised + masks from ``x``)."""
         terms = self.loss_terms(x, y_pred)
         for name in LOSS_TERMS:
-            self.trackers[name].update_state(terms[name])
+            if name in terms:  # "mask" only when the data carries masks
+                self.trackers[name].update_state(terms[name])
         loss = ops.mean(terms["loss"])
         extra = self.losses
         return loss + ops.sum(extra) if extra else loss
@@ -157,6 +160,7 @@ class MultilevelRegistration(keras.Model):
             **super().get_config(),
             "shape": self.shape, "levels": self.levels, "base_filters": self.base_filters,
             "depth": self.depth, "convs_per_block": self.convs_per_block,
+            "batchnorm_momentum": self.batchnorm_momentum,
             "intensity_window": self.normalise.window, "alpha": self.alpha, "beta": self.beta,
             "epsilon": self.epsilon, "active_level": self.active_level,
         }

@@ -14,6 +14,10 @@ from keras import layers
 
 # Start the displacement head near zero: an untrained network is close to the identity map.
 FLOW_HEAD_STDDEV = 1e-5
+# Keras's default batch-norm momentum (0.99) needs hundreds of steps before the moving statistics
+# used at inference (and by the frozen coarser levels during staged training) match the batch
+# statistics; registration data sets are small, so the default here is 0.9.
+BATCHNORM_MOMENTUM = 0.9
 
 
 def required_divisor(depth):
@@ -21,19 +25,19 @@ def required_divisor(depth):
     return 2 ** (depth - 1)
 
 
-def _conv_block(x, filters, convs, initializer, name):
+def _conv_block(x, filters, convs, initializer, momentum, name):
     for i in range(convs):
         x = layers.Conv3D(
             filters, 3, padding="same", use_bias=False, kernel_initializer=initializer,
             name=f"{name}_conv{i}",
         )(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
 
 def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
-         kernel_initializer="glorot_uniform", name="unet"):
+         kernel_initializer="glorot_uniform", batchnorm_momentum=BATCHNORM_MOMENTUM, name="unet"):
     """A functional ``keras.Model`` ``(D, H, W, 2) -> (D, H, W, 3)`` displacement in voxels.
 
     ``kernel_initializer`` defaults to Xavier uniform (Glorot), as in the paper; the flow head
@@ -50,7 +54,8 @@ def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
     skips = []
     for level in range(depth):
         filters = base_filters * 2 ** level
-        x = _conv_block(x, filters, convs_per_block, kernel_initializer, f"enc{level}")
+        x = _conv_block(x, filters, convs_per_block, kernel_initializer,
+                        batchnorm_momentum, f"enc{level}")
         if level < depth - 1:
             skips.append(x)
             x = layers.AveragePooling3D(2, name=f"pool{level}")(x)
@@ -60,7 +65,8 @@ def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
             filters, 2, strides=2, kernel_initializer=kernel_initializer, name=f"up{level}",
         )(x)
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = _conv_block(x, filters, convs_per_block, kernel_initializer, f"dec{level}")
+        x = _conv_block(x, filters, convs_per_block, kernel_initializer,
+                        batchnorm_momentum, f"dec{level}")
     flow = layers.Conv3D(
         3, 1, kernel_initializer=keras.initializers.RandomNormal(stddev=FLOW_HEAD_STDDEV),
         bias_initializer="zeros", dtype="float32", name="flow",

@@ -1,0 +1,200 @@
+"""The multilevel model and the staged fit (issue 4's checks that need no phantom)."""
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmlreg.model import MultilevelRegistration
+from tfmlreg.training import fit_progressive
+
+SPACING = np.array([2.0, 2.0, 2.0], np.float32)
+
+
+def blob_image(n, shift_mm):
+    """Four Gaussian blobs (HU) on an n³ grid of 2 mm, shifted by ``shift_mm``."""
+    x = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * 2.0] * 3, indexing="ij"), axis=-1)
+    image = np.full((n, n, n), -1000.0, np.float32)
+    for centre in ([20, 24, 30], [40, 36, 28], [30, 44, 40], [26, 30, 46]):
+        r2 = ((x - (np.asarray(centre) * n / 32 + shift_mm)) ** 2).sum(-1)
+        image += 900.0 * np.exp(-r2 / (2 * 4.0**2))
+    return image[None, ..., None]
+
+
+def translated_pair(n, translation):
+    """fixed(x) = moving(x + t): the displacement that registers them is t everywhere."""
+    return {"fixed": blob_image(n, 0.0), "moving": blob_image(n, np.asarray(translation)),
+            "spacing": SPACING[None]}
+
+
+def dataset(pair, steps):
+    element = {key: value[0] for key, value in pair.items()}
+    return tf.data.Dataset.from_tensors(element).repeat(steps).batch(1)
+
+
+def small_model(n=16, levels=3, **kwargs):
+    return MultilevelRegistration((n, n, n), levels=levels, base_filters=4, **kwargs)
+
+
+def test_translation_is_recovered_in_mm():
+    translation = np.array([6.0, -4.0, 0.0])
+    pair = translated_pair(32, translation)
+    model = MultilevelRegistration((32, 32, 32), levels=2, base_filters=8, alpha=0.1, epsilon=0.05)
+    fit_progressive(model, dataset(pair, 8), epochs_per_level=5, learning_rate=3e-3, verbose=0)
+    displacement = np.asarray(model(pair)["displacement"])[0]
+    on_blobs = pair["fixed"][0, ..., 0] > -700
+    np.testing.assert_allclose(displacement[on_blobs].mean(axis=0), translation, atol=1.0)
+
+
+def test_network_output_is_scaled_to_mm_by_the_level_spacing():
+    model = small_model(levels=1)
+    flow = model.net(1).get_layer("flow")
+    flow.kernel.assign(np.zeros(flow.kernel.shape, np.float32))
+    flow.bias.assign(np.array([1.0, -0.5, 0.25], np.float32))  # voxels
+    spacing = np.array([[2.0, 1.0, 4.0]], np.float32)
+    pair = {"fixed": blob_image(16, 0.0), "moving": blob_image(16, 0.0), "spacing": spacing}
+    displacement = np.asarray(model(pair)["displacement"])
+    np.testing.assert_allclose(displacement, np.broadcast_to([2.0, -0.5, 1.0], displacement.shape),
+                               atol=1e-6)
+
+
+class WeightsAtStageStart(keras.callbacks.Callback):
+    """Records every level's weights when each stage's fit begins."""
+
+    def __init__(self):
+        super().__init__()
+        self.snapshots = []
+
+    def on_train_begin(self, logs=None):
+        self.snapshots.append({
+            "active": self.model.active_level,
+            "weights": [[w.copy() for w in net.get_weights()] for net in self.model.nets],
+        })
+
+
+def weights_of(model):
+    return [[w.copy() for w in net.get_weights()] for net in model.nets]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def assert_changed(a, b):
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_staged_fit_freezes_coarser_levels_and_starts_from_pretrained_weights():
+    model = small_model()
+    pair = translated_pair(16, [2.0, 0.0, 0.0])
+    recorder = WeightsAtStageStart()
+    after_stage = {}
+
+    class AfterStage(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            after_stage[self.model.active_level] = weights_of(self.model)
+
+    histories = fit_progressive(model, dataset(pair, 2), epochs_per_level=1, init="pretrained",
+                                callbacks=[recorder, AfterStage()], verbose=0)
+    assert sorted(histories) == [1, 2, 3]
+    assert [s["active"] for s in recorder.snapshots] == [3, 2, 1]
+    for snapshot in recorder.snapshots[1:]:
+        level = snapshot["active"]
+        start = snapshot["weights"]
+        # pretrained: the new level starts with exactly the lower (coarser) level's weights
+        assert_same(start[level - 1], after_stage[level + 1][level])
+        end = after_stage[level]
+        # every frozen coarser network is bit-identical; the trained level changed
+        for coarser in range(level + 1, model.levels + 1):
+            assert_same(end[coarser - 1], start[coarser - 1])
+        assert_changed(end[level - 1], start[level - 1])
+
+
+def test_xavier_init_draws_new_weights_for_each_finer_level():
+    model = small_model(levels=2)
+    recorder = WeightsAtStageStart()
+    fit_progressive(model, dataset(translated_pair(16, [2.0, 0, 0]), 1), epochs_per_level=1,
+                    init="xavier", callbacks=[recorder], verbose=0)
+    fine_start, coarse = recorder.snapshots[1]["weights"]
+    kernels = [(a, b) for a, b in zip(fine_start, coarse) if a.ndim == 5]
+    assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+
+
+def test_resume_skips_finished_stages(tmp_path):
+    pair = translated_pair(16, [2.0, 0, 0])
+    first = small_model(levels=2)
+    fit_progressive(first, dataset(pair, 1), epochs_per_level=1, checkpoint_dir=tmp_path, verbose=0)
+    second = small_model(levels=2)
+    histories = fit_progressive(second, dataset(pair, 1), epochs_per_level=1,
+                                checkpoint_dir=tmp_path, verbose=0)
+    assert histories == {}
+    assert_same(sum(weights_of(first), []), sum(weights_of(second), []))
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    model = small_model()
+    pair = translated_pair(16, [2.0, 0, 0])
+    fit_progressive(model, dataset(pair, 1), epochs_per_level=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for key in ("displacement", "warped"):
+        np.testing.assert_array_equal(model(pair)[key], loaded(pair)[key])
+
+
+def test_single_level_baseline_trains_through_model_fit():
+    model = small_model(levels=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(dataset(translated_pair(16, [2.0, 0, 0]), 3), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert {"ngf", "curvature"} <= set(history.history)
+
+
+def test_shapes_the_unet_cannot_take_are_refused():
+    with pytest.raises(ValueError, match="shape: every spatial size must be a positive multiple of 16"):
+        MultilevelRegistration((40, 40, 40), levels=3)
+
+
+def test_mixed_precision_keeps_outputs_float32():
+    # bfloat16 is the CPU's mixed policy (TF's CPU AvgPool3D has no float16 kernel); GPUs take either.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = small_model(levels=2)
+        outputs = model(translated_pair(16, [2.0, 0, 0]))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert outputs["displacement"].dtype == tf.float32
+    assert outputs["warped"].dtype == tf.float32
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from tfmlreg.model import MultilevelRegistration
+    from tfmlreg.training import fit_progressive
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    rng = np.random.default_rng(0)
+    element = {"fixed": rng.uniform(-1000, 0, (16, 16, 16, 1)).astype("float32"),
+               "moving": rng.uniform(-1000, 0, (16, 16, 16, 1)).astype("float32"),
+               "spacing": np.array([2.0, 2.0, 2.0], "float32")}
+    data = tf.data.Dataset.from_tensors(element).repeat(4).batch(2)
+    with strategy.scope():
+        model = MultilevelRegistration((16, 16, 16), levels=2, base_filters=4)
+        histories = fit_progressive(model, data, epochs_per_level=1, verbose=0)
+    losses = [h.history["loss"][-1] for h in histories.values()]
+    assert all(np.isfinite(losses)), losses
+    print("MIRRORED_OK", losses)
+""")
+
+
+def test_training_runs_under_mirrored_strategy_on_two_logical_cpus():
+    # Logical devices must be configured before TensorFlow starts, hence a fresh interpreter.
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
+                            text=True, timeout=600)
+    assert "MIRRORED_OK" in result.stdout, result.stderr[-3000:]
