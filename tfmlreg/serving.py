@@ -1,0 +1,143 @@
+"""gRPC client for a registration model behind TensorFlow Serving (see ``serving/README.md``).
+
+    from tfmlreg.serving import RegistrationClient
+    with RegistrationClient("gpu-host:8500", model_name="mlvirnet") as client:
+        out = client.register(fixed, moving, spacing=(1.5, 1.5, 1.5))
+    out["displacement"]  # (D, H, W, 3) mm;  out["warped"]  # (D, H, W)
+
+Images must already be on the exported model's grid (e.g. 160³); the server answers a wrong size
+with INVALID_ARGUMENT naming the expected shape, raised here as a one-line ``RuntimeError``.
+Needs ``grpcio`` and ``tensorflow-serving-api`` (``pip install --no-deps`` the latter: it would
+otherwise pull the full ``tensorflow`` wheel over ``tensorflow-cpu``).
+"""
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+DEFAULT_MODEL_NAME = "mlvirnet"  # as in serving/models.config
+OUTPUTS = ("displacement", "warped")
+# A 160³ float32 pair is ~33 MB and its reply ~65 MB, far over gRPC's 4 MB default.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# The server is unreachable or too slow: the caller may retry elsewhere, hence ConnectionError.
+CONNECTION_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def channel_options(max_message_bytes=MAX_MESSAGE_BYTES):
+    """gRPC options raising the send and receive limits (use them on test servers too)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class RegistrationClient:
+    """Calls the ``Predict`` RPC of TF Serving with ``fixed``, ``moving`` and ``spacing``.
+
+    ``timeout`` is the deadline of one request in seconds (generous: the first request after a
+    model load is slow when the export has no warm-up records). ``version`` pins a model
+    version; by default the server's latest is used.
+    """
+
+    def __init__(self, address="localhost:8500", model_name=DEFAULT_MODEL_NAME,
+                 signature="serving_default", timeout=60.0, version=None,
+                 max_message_bytes=MAX_MESSAGE_BYTES):
+        self.address, self.model_name, self.signature = address, model_name, signature
+        self.timeout, self.version = timeout, version
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def register(self, fixed, moving, spacing=1.0):
+        """Register ``moving`` to ``fixed``; returns NumPy ``{"displacement", "warped"}``.
+
+        ``fixed`` and ``moving`` are one image ``(D, H, W)`` / ``(D, H, W, 1)`` or a batch
+        ``(B, D, H, W, 1)``; ``spacing`` is a scalar, ``(3,)`` or ``(B, 3)`` in mm. The outputs
+        follow the input layout: ``displacement`` ``([B,] D, H, W, 3)`` mm, ``warped`` shaped like
+        ``moving``.
+        """
+        fixed_batch, layout = as_batch(fixed, "fixed")
+        moving_batch, _ = as_batch(moving, "moving")
+        if moving_batch.shape != fixed_batch.shape:
+            raise ValueError(
+                f"moving: expected the shape of fixed {fixed_batch.shape}, got {moving_batch.shape}"
+            )
+        inputs = {
+            "fixed": fixed_batch,
+            "moving": moving_batch,
+            "spacing": spacing_batch(spacing, fixed_batch.shape[0]),
+        }
+        outputs = self.predict(inputs)
+        if layout == "batch":
+            return outputs
+        return {
+            "displacement": outputs["displacement"][0],
+            "warped": outputs["warped"][0].reshape(np.shape(moving)),
+        }
+
+    def predict(self, inputs):
+        """One ``Predict`` call: dict of NumPy arrays in, ``{"displacement", "warped"}`` out."""
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = self.signature
+        if self.version is not None:
+            request.model_spec.version.value = int(self.version)
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        try:
+            response = self._stub.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        missing = set(OUTPUTS) - set(response.outputs)
+        if missing:
+            raise RuntimeError(
+                f"TF Serving at {self.address}: model {self.model_name!r} signature "
+                f"{self.signature!r} returned no {sorted(missing)}; is it a tfmlreg export?"
+            )
+        return {name: tf.make_ndarray(response.outputs[name]) for name in OUTPUTS}
+
+    def _error(self, error):
+        """A one-line exception naming the server, the model and gRPC's reason."""
+        details = next((line for line in (error.details() or "").splitlines() if line.strip()), "")
+        message = (
+            f"TF Serving at {self.address} (model {self.model_name!r}, signature "
+            f"{self.signature!r}): {error.code().name}: {details.strip()}"
+        )
+        if error.code() in CONNECTION_CODES:
+            return ConnectionError(message)
+        return RuntimeError(message)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def as_batch(image, name):
+    """``(B, D, H, W, 1)`` float32 and ``"single"`` or ``"batch"``: how the caller passed it."""
+    image = np.asarray(image, np.float32)
+    if image.ndim == 3:
+        return image[None, ..., None], "single"
+    if image.ndim == 4 and image.shape[-1] == 1:
+        return image[None], "single"
+    if image.ndim == 5 and image.shape[-1] == 1:
+        return image, "batch"
+    raise ValueError(
+        f"{name}: expected (D, H, W), (D, H, W, 1) or (B, D, H, W, 1), got {image.shape}"
+    )
+
+
+def spacing_batch(spacing, batch):
+    """Spacing as ``(B, 3)`` float32 mm from a scalar, ``(3,)`` or ``(B, 3)``."""
+    spacing = np.asarray(spacing, np.float32)
+    if spacing.ndim > 2 or (spacing.ndim >= 1 and spacing.shape[-1] != 3) or (
+        spacing.ndim == 2 and spacing.shape[0] not in (1, batch)
+    ):
+        raise ValueError(
+            f"spacing: expected a scalar, (3,) or ({batch}, 3) in mm, got {spacing.shape}"
+        )
+    return np.ascontiguousarray(np.broadcast_to(spacing, (batch, 3)))
