@@ -2,13 +2,12 @@
 
     python benchmarks/model.py [--inference 96 160] [--train 64 96] [--repeats 3] [--xla]
 
-Each configuration runs in its own process so its peak resident memory (ru_maxrss of the child)
-is its own. Untrained weights: the speed does not depend on them.
+Each configuration runs in its own process, which reports its own peak resident memory
+(ru_maxrss). Untrained weights: the speed does not depend on them.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -33,7 +32,8 @@ else:
     iterator = iter(data)
     step = lambda: model.train_on_batch(next(iterator))
     seconds = median_seconds(step, repeats)
-print(json.dumps({"seconds": seconds}))
+import resource
+print(json.dumps({"seconds": seconds, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
@@ -42,9 +42,8 @@ def run(mode, size, repeats, xla, filters):
         [sys.executable, "-c", CHILD, mode, str(size), str(repeats), "1" if xla else "0", str(filters)],
         capture_output=True, text=True, check=True,
     )
-    seconds = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return seconds, peak_gib
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report["seconds"], report["peak_kib"] / 2**20
 
 
 def main():
@@ -61,8 +60,6 @@ def main():
         for size in sizes:
             seconds, peak = run(mode.split()[0] if mode == "inference" else "train", size,
                                 args.repeats, args.xla, args.base_filters)
-            # ru_maxrss of children is the largest child so far: configurations run in
-            # increasing size, so it is this one's peak.
             print(f"{mode:10s} {size}^3: {seconds:7.3f} s   peak RSS {peak:5.2f} GiB")
 
 

@@ -13,23 +13,12 @@ import tensorflow as tf
 
 from tfmlreg import export
 from tfmlreg.export import WARMUP_FILE, export_saved_model, synthetic_pair
-from tfmlreg.model import MultilevelRegistration
+from conftest import registration_model
 
 SHAPE = (16, 16, 16)
 CPP_SOURCE = os.path.join(os.path.dirname(__file__), "cpp", "load_saved_model.cc")
 WINDOW_HU = 1200.0  # the model's default intensity window width: the scale of "warped"
 TOL = 1e-5
-
-
-def registration_model(shape, **config):
-    """A tiny real model whose flow heads move voxels by a few voxels (fresh heads start near
-    zero, which would make every comparison of displacements and warps trivially pass)."""
-    model = MultilevelRegistration(shape=shape, **config)
-    rng = np.random.default_rng(0)
-    for weight in model.weights:
-        if weight.path == "flow/kernel":
-            weight.assign(rng.normal(0.0, 5.0, weight.shape).astype("float32"))
-    return model
 
 
 def random_inputs(shape, batch, seed=1):

@@ -8,23 +8,12 @@ import pytest
 import tensorflow as tf
 
 from tfmlreg.export import (
+from conftest import registration_model
     TF_TRT_MISSING, check_onnx_parity, export_onnx, export_saved_model, export_tf_trt,
 )
-from tfmlreg.model import MultilevelRegistration
 
 SHAPE = (16, 16, 16)
 TOL_MM = 1e-3
-
-
-def registration_model(shape, **config):
-    """A tiny real model whose flow heads move voxels by a few voxels (fresh heads start near
-    zero, which would make every comparison trivially pass)."""
-    model = MultilevelRegistration(shape=shape, **config)
-    rng = np.random.default_rng(0)
-    for weight in model.weights:
-        if weight.path == "flow/kernel":
-            weight.assign(rng.normal(0.0, 5.0, weight.shape).astype("float32"))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfmlreg.export import WARMUP_FILE, export_saved_model
-from tfmlreg.model import MultilevelRegistration
 from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient, channel_options
+from conftest import registration_model
 
 SHAPE = (96, 96, 96)
 SERVING_DIR = pathlib.Path(__file__).resolve().parents[1] / "serving"
@@ -69,17 +69,6 @@ def status_message(error):
     lines = error.message.splitlines()
     first = next(i for i, line in enumerate(lines) if line and not line.startswith(decoration))
     return "\n".join(lines[first:])
-
-
-def registration_model(shape, **config):
-    """A tiny real model whose flow heads move voxels by a few voxels (fresh heads start near
-    zero, which would make every comparison trivially pass)."""
-    model = MultilevelRegistration(shape=shape, **config)
-    rng = np.random.default_rng(0)
-    for weight in model.weights:
-        if weight.path == "flow/kernel":
-            weight.assign(rng.normal(0.0, 5.0, weight.shape).astype("float32"))
-    return model
 
 
 @pytest.fixture(scope="module")

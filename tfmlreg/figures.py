@@ -1,8 +1,9 @@
 """Figures in the style of the paper: colour overlays (Fig. 2) and Dice box plots (Fig. 1).
 
 Array axes follow DIR-LAB's ``(x, y, z)``: x left-right, y antero-posterior, z cranio-caudal. A
-coronal view is the x-z plane through the middle of y, a sagittal view the y-z plane through the
-middle of x; z is drawn vertically, and pixels are drawn to scale in mm.
+coronal view is the x-z plane through the middle of y, a sagittal view the y-z plane at 30% of x
+(through a lung: the middle of a thorax is the mediastinum); z is drawn vertically, and pixels
+are drawn to scale in mm.
 """
 
 import matplotlib
@@ -14,6 +15,7 @@ import numpy as np  # noqa: E402
 ORANGE = np.array([1.0, 0.5, 0.0])  # one phase (the paper: inhale)
 BLUE = np.array([0.0, 0.5, 1.0])  # the other (exhale); orange + blue = white, so aligned = grey
 DISPLAY_WINDOW = (-1000.0, 200.0)  # HU shown from black to full colour
+SAGITTAL_AT = 0.3  # fraction of the x axis where the sagittal view cuts
 
 
 def _unit(image, window=DISPLAY_WINDOW):
@@ -28,11 +30,11 @@ def overlay_rgb(first, second, window=DISPLAY_WINDOW):
 
 
 def _views(volume):
-    """Coronal (x-z at mid y) and sagittal (y-z at mid x) slices, z vertical."""
+    """Coronal (x-z at mid y) and sagittal (y-z through a lung) slices, z vertical."""
     volume = np.asarray(volume)
     return {
         "coronal": volume[:, volume.shape[1] // 2, :].T,
-        "sagittal": volume[volume.shape[0] // 2, :, :].T,
+        "sagittal": volume[int(volume.shape[0] * SAGITTAL_AT), :, :].T,
     }
 
 

@@ -1,0 +1,16 @@
+"""Shared test helpers (importable as ``from conftest import ...``; pytest puts tests/ on the path)."""
+
+import numpy as np
+
+from tfmlreg.model import MultilevelRegistration
+
+
+def registration_model(shape, **config):
+    """A tiny real model whose flow heads move voxels by a few voxels (fresh heads start near
+    zero, which would make every comparison of displacements and warps trivially pass)."""
+    model = MultilevelRegistration(shape=shape, **config)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if weight.path == "flow/kernel":
+            weight.assign(rng.normal(0.0, 5.0, weight.shape).astype("float32"))
+    return model

@@ -1,0 +1,121 @@
+"""Registering a pair at full resolution with a trained model, local or behind TF Serving.
+
+The model works on its fixed grid (e.g. 160³) over the fixed image's physical extent; the pair is
+resampled onto it, and the displacement it returns (mm, a field on the physical domain) is
+evaluated back on the fixed image's original grid, where the moving image is warped and every
+metric is computed (as the paper evaluates: at full resolution).
+
+A predictor is any callable ``(fixed, moving, spacing) -> {"displacement", "warped"}`` on batched
+NumPy arrays at the model grid, with a ``shape`` attribute: :func:`load_predictor` makes one from
+a SavedModel (the exported, versioned layout) or a ``.keras`` file; :class:`RemotePredictor` from
+a TF Serving address.
+"""
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmlreg import geometry
+from tfmlreg.data import pipeline
+from tfmlreg.data.io import DataError
+from tfmlreg.export import SIGNATURE
+
+AIR_HU = -1000.0  # fill for moving-image points warped outside its domain
+
+
+class SavedModelPredictor:
+    """The ``serving_default`` signature of an exported SavedModel (what TF Serving runs)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.signature = tf.saved_model.load(path).signatures[SIGNATURE]
+        spec = self.signature.structured_input_signature[1]["fixed"]
+        self.shape = tuple(int(n) for n in spec.shape[1:4])
+
+    def __call__(self, fixed, moving, spacing):
+        outputs = self.signature(fixed=tf.constant(fixed, tf.float32),
+                                 moving=tf.constant(moving, tf.float32),
+                                 spacing=tf.constant(spacing, tf.float32))
+        return {name: value.numpy() for name, value in outputs.items()}
+
+
+class KerasPredictor:
+    """A ``.keras`` :class:`~tfmlreg.model.MultilevelRegistration`, compiled once per shape."""
+
+    def __init__(self, path_or_model):
+        model = path_or_model
+        if isinstance(path_or_model, (str, os.PathLike)):
+            self.path = os.fspath(path_or_model)
+            model = keras.saving.load_model(self.path)
+        self.model, self.shape = model, tuple(model.shape)
+        self._predict = tf.function(lambda inputs: model(inputs, training=False))
+
+    def __call__(self, fixed, moving, spacing):
+        outputs = self._predict({"fixed": fixed, "moving": moving, "spacing": spacing})
+        return {name: outputs[name].numpy() for name in ("displacement", "warped")}
+
+
+class RemotePredictor:
+    """A model behind TF Serving (gRPC); ``shape`` is the model grid the server expects."""
+
+    def __init__(self, address, shape, model_name=None):
+        from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient
+
+        self.client = RegistrationClient(address, model_name=model_name or DEFAULT_MODEL_NAME)
+        self.shape = tuple(int(n) for n in shape)
+
+    def __call__(self, fixed, moving, spacing):
+        return self.client.register(fixed, moving, spacing)
+
+
+def load_predictor(path):
+    """A predictor from a ``.keras`` file, a SavedModel folder, or a versioned model root
+    (``NAME/`` holding ``1/``, ``2/``...: the highest version is taken, as TF Serving does)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such model file or folder")
+    if os.path.isfile(path):
+        if not str(path).endswith(".keras"):
+            raise DataError(f"{path}: expected a .keras file or a SavedModel folder")
+        return KerasPredictor(path)
+    return SavedModelPredictor(_latest_version(path))
+
+
+def _latest_version(path):
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [int(name) for name in os.listdir(path) if name.isdigit()
+                and os.path.exists(os.path.join(path, name, "saved_model.pb"))]
+    if not versions:
+        raise DataError(f"{path}: no saved_model.pb here nor in a numbered version folder")
+    return os.path.join(path, str(max(versions)))
+
+
+def register_pair(predictor, pair):
+    """Register ``moving`` to ``fixed`` of a loaded pair (see :func:`tfmlreg.data.io.load_pair`).
+
+    Returns ``{"displacement": (D, H, W, 3) mm on the fixed grid, "warped": moving on the fixed
+    grid, "seconds": model time}``; the full-resolution steps are not in ``seconds``.
+    """
+    grid = pipeline.to_network_grid(pair, predictor.shape)
+    start = time.perf_counter()
+    outputs = predictor(grid["fixed"][None, ..., None], grid["moving"][None, ..., None],
+                        np.asarray(grid["spacing"], np.float32)[None])
+    seconds = time.perf_counter() - start
+    displacement = pipeline.displacement_to_full_resolution(
+        outputs["displacement"][0], grid["spacing"], np.shape(pair["fixed"])
+    )
+    return {"displacement": displacement, "warped": warp_moving(pair, displacement),
+            "seconds": seconds}
+
+
+def warp_moving(pair, displacement):
+    """The moving image (its own grid and spacing) pulled back onto the fixed grid by ``u`` (mm)."""
+    fixed_spacing = np.asarray(pair["spacing_fixed"], np.float32)
+    points = geometry.grid_points(np.shape(pair["fixed"]), geometry.as_spacing(fixed_spacing, 1))
+    warped = geometry.sample(np.asarray(pair["moving"], np.float32)[None, ..., None],
+                             points + np.asarray(displacement, np.float32)[None],
+                             np.asarray(pair["spacing_moving"], np.float32), fill_value=AIR_HU)
+    return np.asarray(warped)[0, ..., 0]
