@@ -24,7 +24,7 @@ exact fractional indices.
 import os
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_erosion, gaussian_filter
 
 from tfmlreg import geometry, metrics
 from tfmlreg.data import io
@@ -255,11 +255,11 @@ def _inhale_image(shape, frame, params, rng):
 
 
 def _landmarks(vessels, labels, frame, count, rng):
-    """``count`` branch points (mm) of the vessel trees, well inside the lungs."""
+    """``count`` branch points (mm) of the vessel trees, at least two voxels inside the lungs."""
     candidates = np.array([end for _, end, _, generation in vessels if generation >= 1])
     index = np.floor(candidates / frame.spacing).astype(int)
     index = np.clip(index, 0, np.asarray(labels.shape) - 1)
-    inner = labels > 0
+    inner = binary_erosion(labels > 0, iterations=2)
     keep = inner[tuple(index.T)]
     candidates = np.unique(np.round(candidates[keep], 3), axis=0)
     if len(candidates) < count:
