@@ -93,7 +93,7 @@ def cmd_phantom(args):
 
     with staged_output(args.out) as staging:
         phantom.write_dataset(staging, cases=args.cases, shape=tuple(args.shape),
-                              spacing=tuple(args.spacing), seed=args.seed,
+                              spacing=args.spacing, seed=args.seed,
                               amplitude_mm=args.amplitude)
     print(f"wrote {args.cases} phantom pair(s) to {args.out}")
 
@@ -196,8 +196,8 @@ def build_parser():
     phantom.add_argument("--out", required=True, help="output folder (pair layout)")
     phantom.add_argument("--cases", type=int, default=1, help="number of pairs (default 1)")
     phantom.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
-    phantom.add_argument("--spacing", type=float, nargs=3, default=(3.2, 3.2, 3.2), metavar=("DX", "DY", "DZ"),
-                         help="voxel size in mm (default 3.2 3.2 3.2)")
+    phantom.add_argument("--spacing", type=float, nargs=3, metavar=("DX", "DY", "DZ"),
+                         help="voxel size in mm (default: a 320 mm field of view)")
     phantom.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
     phantom.add_argument("--amplitude", type=float, default=25.0, help="max cranio-caudal motion in mm")
 

@@ -10,14 +10,16 @@ A config (see ``training/*.json``) has four parts; paths are relative to the con
       "output": "runs/NAME"
     }
 
-``{"phantom": {"cases": N, "shape": [...], "spacing": [...], "seed": S}}`` generates phantom pairs
-once into ``OUTPUT/data/<split>`` (kept, so a resumed run sees the same data). The run writes
+``{"phantom": {"cases": N, "shape": [...], "seed": S}, "dir": "DIR"}`` generates phantom pairs
+once into ``DIR`` (default ``OUTPUT/data/<split>``) and reuses them when they exist, so a
+resumed run, or several arms sharing ``DIR``, see the same data. The run writes
 ``OUTPUT/checkpoints/`` (one per finished level: rerunning resumes), ``OUTPUT/training_log.csv``,
 ``OUTPUT/model.keras`` and the SavedModel ``OUTPUT/saved_model/1``.
 """
 
 import json
 import os
+import shutil
 
 import keras
 
@@ -44,12 +46,17 @@ def load_config(path):
             raise DataError(f"{path}: the config has no '{key}' section")
     base = os.path.dirname(os.path.abspath(path))
     config["output"] = os.path.join(base, config["output"])
-    config["data"] = {
-        split: source if isinstance(source, dict) else os.path.join(base, source)
-        for split, source in config["data"].items()
-    }
+    config["data"] = {split: _absolute(source, base) for split, source in config["data"].items()}
     config["training"] = {**TRAINING_DEFAULTS, **config.get("training", {})}
     return config
+
+
+def _absolute(source, base):
+    if not isinstance(source, dict):
+        return os.path.join(base, source)
+    if "dir" in source:
+        return {**source, "dir": os.path.join(base, source["dir"])}
+    return source
 
 
 def build_model(model_config):
@@ -63,9 +70,12 @@ def data_dir(source, output, split):
     """A folder of pairs: the given one, or phantoms generated into ``output/data/split`` once."""
     if not isinstance(source, dict):
         return source
-    target = os.path.join(output, "data", split)
+    target = source.get("dir", os.path.join(output, "data", split))
     if not os.path.isdir(target):
-        phantom.write_dataset(target, **source["phantom"])
+        partial = f"{target}.partial"  # renamed only when complete: no half data set is reused
+        shutil.rmtree(partial, ignore_errors=True)
+        phantom.write_dataset(partial, **source["phantom"])
+        os.replace(partial, target)
     return target
 
 
