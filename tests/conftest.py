@@ -14,3 +14,14 @@ def registration_model(shape, **config):
         if weight.path == "flow/kernel":
             weight.assign(rng.normal(0.0, 5.0, weight.shape).astype("float32"))
     return model
+
+
+def random_inputs(shape, batch, seed=1):
+    """Model inputs of raw CT-like intensities on ``shape`` with random per-sample spacing."""
+    rng = np.random.default_rng(seed)
+    image_shape = (batch, *shape, 1)
+    return {
+        "fixed": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
+        "moving": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
+        "spacing": rng.uniform(0.7, 2.5, (batch, 3)).astype(np.float32),
+    }

@@ -13,22 +13,12 @@ import tensorflow as tf
 
 from tfmlreg import export
 from tfmlreg.export import WARMUP_FILE, export_saved_model, synthetic_pair
-from conftest import registration_model
+from conftest import random_inputs, registration_model
 
 SHAPE = (16, 16, 16)
 CPP_SOURCE = os.path.join(os.path.dirname(__file__), "cpp", "load_saved_model.cc")
 WINDOW_HU = 1200.0  # the model's default intensity window width: the scale of "warped"
 TOL = 1e-5
-
-
-def random_inputs(shape, batch, seed=1):
-    rng = np.random.default_rng(seed)
-    image_shape = (batch, *shape, 1)
-    return {
-        "fixed": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
-        "moving": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
-        "spacing": rng.uniform(0.7, 2.5, (batch, 3)).astype(np.float32),
-    }
 
 
 def assert_matches(actual, expected):

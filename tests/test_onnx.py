@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfmlreg.export import (
-from conftest import registration_model
+from conftest import random_inputs, registration_model
     TF_TRT_MISSING, check_onnx_parity, export_onnx, export_saved_model, export_tf_trt,
 )
 
@@ -26,16 +26,6 @@ def onnx_path(model, tmp_path_factory):
     return export_onnx(model, str(tmp_path_factory.mktemp("onnx") / "model.onnx"), opset=17)
 
 
-def random_inputs(batch, seed=0):
-    rng = np.random.default_rng(seed)
-    image_shape = (batch, *SHAPE, 1)
-    return {
-        "fixed": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
-        "moving": rng.uniform(-1000.0, 200.0, image_shape).astype(np.float32),
-        "spacing": rng.uniform(0.7, 2.5, (batch, 3)).astype(np.float32),
-    }
-
-
 def test_graph_keeps_the_interface_and_converts_every_op(onnx_path):
     graph = onnx.load(onnx_path).graph
     assert [i.name for i in graph.input] == ["fixed", "moving", "spacing"]
@@ -48,7 +38,7 @@ def test_graph_keeps_the_interface_and_converts_every_op(onnx_path):
 
 
 def test_onnx_runtime_reproduces_keras_on_random_batches(model, onnx_path):
-    inputs = random_inputs(batch=2)
+    inputs = random_inputs(SHAPE, batch=2, seed=0)
     errors = check_onnx_parity(onnx_path, model, inputs, atol=TOL_MM)
     assert errors["displacement"] <= TOL_MM
     assert np.abs(model(inputs)["displacement"]).max() > 1.0  # the test model really moves voxels
@@ -62,18 +52,18 @@ def test_onnx_runtime_reproduces_keras_on_a_ct_like_pair(model, onnx_path):
 def test_export_from_saved_model_directory(model, tmp_path):
     version_dir = export_saved_model(model, tmp_path / "mlvirnet", warmup_requests=0)
     path = export_onnx(version_dir, str(tmp_path / "from_saved_model.onnx"))
-    errors = check_onnx_parity(path, version_dir, random_inputs(batch=1, seed=2), atol=TOL_MM)
+    errors = check_onnx_parity(path, version_dir, random_inputs(SHAPE, batch=1, seed=2), atol=TOL_MM)
     assert errors["displacement"] <= TOL_MM
 
 
 def test_parity_check_fails_loudly(model, onnx_path):
     with pytest.raises(AssertionError, match="displacement differs by"):
-        check_onnx_parity(onnx_path, model, random_inputs(batch=1), atol=0.0)
+        check_onnx_parity(onnx_path, model, random_inputs(SHAPE, batch=1, seed=0), atol=0.0)
 
 
 def test_wrong_size_is_rejected_by_onnx_runtime(onnx_path):
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    inputs = random_inputs(batch=1)
+    inputs = random_inputs(SHAPE, batch=1, seed=0)
     inputs["fixed"] = inputs["fixed"][:, :8]
     with pytest.raises(Exception, match="fixed"):
         session.run(None, inputs)

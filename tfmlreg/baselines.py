@@ -35,16 +35,16 @@ def _image(itk, array, spacing):
     return image
 
 
-def _parameters(itk):
+def _parameters(itk, iterations):
     parameters = itk.ParameterObject.New()
     bspline = parameters.GetDefaultParameterMap("bspline", RESOLUTIONS, BSPLINE_GRID_MM)
-    bspline["MaximumNumberOfIterations"] = [str(ITERATIONS)]
+    bspline["MaximumNumberOfIterations"] = [str(iterations)]
     bspline["WriteResultImage"] = ["false"]
     parameters.AddParameterMap(bspline)
     return parameters
 
 
-def elastix_register(fixed, moving, spacing, threads=None):
+def elastix_register(fixed, moving, spacing, iterations=ITERATIONS, threads=None):
     """Register ``moving`` to ``fixed`` (same grid, ``(D, H, W)``, spacing mm); returns
     ``{"displacement": (D, H, W, 3) mm on the fixed grid, "seconds": wall time}``."""
     itk = _itk()
@@ -53,7 +53,7 @@ def elastix_register(fixed, moving, spacing, threads=None):
     fixed_image, moving_image = _image(itk, fixed, spacing), _image(itk, moving, spacing)
     start = time.perf_counter()
     _, transform = itk.elastix_registration_method(
-        fixed_image, moving_image, parameter_object=_parameters(itk), log_to_console=False
+        fixed_image, moving_image, parameter_object=_parameters(itk, iterations), log_to_console=False
     )
     field = itk.transformix_deformation_field(moving_image, transform)
     seconds = time.perf_counter() - start

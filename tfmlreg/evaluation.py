@@ -92,6 +92,14 @@ def tre_table(tre_by_method):
     return "\n".join(lines)
 
 
+def _values(cases, key):
+    return [case[key] for case in cases if key in case]
+
+
+def _mean_or_dash(values, fmt="{:.2f}"):
+    return fmt.format(np.mean(values)) if values else "–"
+
+
 def summary_table(results_by_method):
     """Markdown table of the means over cases: Dice, folding (%), TRE, runtime.
 
@@ -100,16 +108,13 @@ def summary_table(results_by_method):
     lines = ["| Method | Dice mean (std) | Folding % mean (max) | TRE mm mean (std) | "
              "TRE snapped mm | Runtime s |", "|---|---|---|---|---|---|"]
     for method, cases in results_by_method.items():
-        def column(key):
-            return [case[key] for case in cases if key in case]
-        folding = 100 * np.asarray(column("folding"))
-        tre = np.concatenate([case["tre"] for case in cases if "tre" in case] or [np.zeros(0)])
-        seconds = column("seconds")
+        folding = 100 * np.asarray(_values(cases, "folding"))
+        tre = np.concatenate(_values(cases, "tre") or [np.zeros(0)])
         lines.append(
-            f"| {method} | {_mean_std(column('dice_mean'))} | "
+            f"| {method} | {_mean_std(_values(cases, 'dice_mean'))} | "
             f"{folding.mean():.3f} ({folding.max():.3f}) | {_mean_std(tre)} | "
-            f"{np.mean(column('tre_snapped_mean')) if column('tre_snapped_mean') else float('nan'):.2f} | "
-            f"{np.mean(seconds) if seconds else float('nan'):.2f} |"
+            f"{_mean_or_dash(_values(cases, 'tre_snapped_mean'))} | "
+            f"{_mean_or_dash(_values(cases, 'seconds'))} |"
         )
     return "\n".join(lines)
 

@@ -23,8 +23,6 @@ from tfmlreg.data import pipeline
 from tfmlreg.data.io import DataError
 from tfmlreg.export import SIGNATURE
 
-AIR_HU = -1000.0  # fill for moving-image points warped outside its domain
-
 
 class SavedModelPredictor:
     """The ``serving_default`` signature of an exported SavedModel (what TF Serving runs)."""
@@ -117,5 +115,6 @@ def warp_moving(pair, displacement):
     points = geometry.grid_points(np.shape(pair["fixed"]), geometry.as_spacing(fixed_spacing, 1))
     warped = geometry.sample(np.asarray(pair["moving"], np.float32)[None, ..., None],
                              points + np.asarray(displacement, np.float32)[None],
-                             np.asarray(pair["spacing_moving"], np.float32), fill_value=AIR_HU)
+                             np.asarray(pair["spacing_moving"], np.float32),
+                             fill_value=pipeline.AIR_HU)
     return np.asarray(warped)[0, ..., 0]
