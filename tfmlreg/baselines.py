@@ -10,6 +10,7 @@ spacing and origin are given reversed, the origin is the first cell centre ``0.5
 displacement's components come back reversed.
 """
 
+import tempfile
 import time
 
 import numpy as np
@@ -44,6 +45,18 @@ def _parameters(itk, iterations):
     return parameters
 
 
+def _deformation_field(itk, moving_image, transform):
+    """The displacement of ``transform`` on the fixed grid (transformix writes a file as it goes:
+    it goes to a temporary folder, not the caller's working directory)."""
+    transformix = itk.TransformixFilter.New(moving_image)
+    transformix.SetComputeDeformationField(True)
+    transformix.SetTransformParameterObject(transform)
+    with tempfile.TemporaryDirectory() as scratch:
+        transformix.SetOutputDirectory(scratch)
+        transformix.UpdateLargestPossibleRegion()
+        return np.array(itk.GetArrayFromImage(transformix.GetOutputDeformationField()))
+
+
 def elastix_register(fixed, moving, spacing, iterations=ITERATIONS, threads=None):
     """Register ``moving`` to ``fixed`` (same grid, ``(D, H, W)``, spacing mm); returns
     ``{"displacement": (D, H, W, 3) mm on the fixed grid, "seconds": wall time}``."""
@@ -55,8 +68,8 @@ def elastix_register(fixed, moving, spacing, iterations=ITERATIONS, threads=None
     _, transform = itk.elastix_registration_method(
         fixed_image, moving_image, parameter_object=_parameters(itk, iterations), log_to_console=False
     )
-    field = itk.transformix_deformation_field(moving_image, transform)
+    field = _deformation_field(itk, moving_image, transform)
     seconds = time.perf_counter() - start
     # ITK's vector components are (x, y, z) = our array axes (2, 1, 0)
-    displacement = np.asarray(itk.GetArrayFromImage(field), np.float32)[..., ::-1]
+    displacement = np.asarray(field, np.float32)[..., ::-1]
     return {"displacement": np.ascontiguousarray(displacement), "seconds": seconds}
