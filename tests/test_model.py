@@ -198,3 +198,26 @@ def test_training_runs_under_mirrored_strategy_on_two_logical_cpus():
     result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
                             text=True, timeout=600)
     assert "MIRRORED_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_overfitting_one_phantom_pair_lowers_the_loss_and_the_landmark_error():
+    from tfmlreg.data import phantom, pipeline
+    from tfmlreg.inference import KerasPredictor, register_pair
+    from tfmlreg.metrics import tre
+
+    pair = phantom.as_case(phantom.make_pair((48, 48, 48), seed=2), "overfit")
+    data = pipeline.make_dataset([pair], (32, 32, 32)).repeat(8)
+    model = MultilevelRegistration((32, 32, 32), levels=2, base_filters=8, epsilon=0.01)
+    predictor = KerasPredictor(model)
+
+    def landmark_error():
+        displacement = register_pair(predictor, pair)["displacement"]
+        return tre(displacement, pair["spacing_fixed"], pair["fixed_landmarks"],
+                   pair["moving_landmarks"]).mean()
+
+    initial = landmark_error()
+    histories = fit_progressive(model, data, epochs_per_level=3, learning_rate=3e-3, verbose=0)
+    for history in histories.values():
+        losses = history.history["loss"]
+        assert losses[-1] < 0.8 * losses[0]
+    assert landmark_error() < 0.7 * initial

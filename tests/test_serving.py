@@ -207,3 +207,26 @@ def test_models_config_serves_the_clients_default_model():
     (model,) = config.model_config_list.config
     assert model.name == DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
     assert model.base_path == f"/models/{DEFAULT_MODEL_NAME}"
+
+
+def test_cli_register_through_the_server_equals_local_inference(server, version_dir, tmp_path):
+    """``tfmlreg register --server`` against the test double gives the local outputs."""
+    from tfmlreg.cli import main
+    from tfmlreg.data import io
+
+    fixed, moving, spacing = blocky_pair(1, seed=3)
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        io.write_image(str(tmp_path / f"{name}.nii.gz"), image[0, ..., 0], spacing[0])
+    common = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"),
+              "--moving", str(tmp_path / "moving.nii.gz")]
+    assert main(common + ["--server", server, "--shape", *map(str, SHAPE),
+                          "--out", str(tmp_path / "remote")]) == 0
+    assert main(common + ["--model", str(version_dir), "--out", str(tmp_path / "local")]) == 0
+    def outputs(folder):
+        return (io.read_displacement(str(tmp_path / folder / "displacement.nii.gz"))[0],
+                io.read_image(str(tmp_path / folder / "warped.nii.gz"))[0])
+
+    (remote_u, remote_warped), (local_u, local_warped) = outputs("remote"), outputs("local")
+    np.testing.assert_allclose(remote_u, local_u, atol=1e-4)
+    np.testing.assert_allclose(remote_warped, local_warped, atol=1e-2)
+    assert np.abs(local_u).max() > 0.1  # the model really moves voxels

@@ -72,7 +72,9 @@ def cmd_train(args):
     from tfmlreg import experiment, export
 
     config = experiment.load_config(args.config)
-    model, _ = experiment.run(config, verbose=0 if args.quiet else "auto")
+    # progress bars on a terminal, one line per epoch in a log file
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    model, _ = experiment.run(config, verbose=verbose)
     saved = os.path.join(config["output"], "saved_model")
     if not os.path.exists(os.path.join(saved, "1")):
         export.export_saved_model(model, saved, version=1)

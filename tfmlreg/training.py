@@ -42,10 +42,19 @@ def fit_progressive(model, train_data, epochs_per_level, init="pretrained", vali
         model.compile(optimizer=make_optimizer(), jit_compile=jit_compile)
         histories[level] = model.fit(
             train_data, epochs=level_epochs, validation_data=validation_data,
-            callbacks=list(callbacks or []), verbose=verbose, **fit_kwargs,
+            callbacks=[LevelInLogs()] + list(callbacks or []), verbose=verbose, **fit_kwargs,
         )
         _save_stage(model, checkpoint_dir, level, done)
     return histories
+
+
+class LevelInLogs(keras.callbacks.Callback):
+    """Adds the stage's ``level`` to each epoch's logs, so CSV logs and histories say which
+    network was training (callbacks after it, such as ``CSVLogger``, see the key)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["level"] = self.model.active_level
 
 
 def _epochs_per_level(epochs, levels):
