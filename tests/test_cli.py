@@ -107,6 +107,11 @@ def test_train_evaluate_and_export(phantoms, workspace, capsys):
                  str(workspace / "onnx" / "m.onnx"), "--format", "onnx"]) == 0
     assert (workspace / "onnx" / "m.onnx").exists()
     capsys.readouterr()
+    code = main(["export", "--model", str(run / "model.keras"), "--out", str(workspace / "trt"),
+                 "--format", "tf-trt"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "TF-TRT is not in this TensorFlow build" in err and "\n" not in err
+    assert not (workspace / "trt").exists()
 
 
 def write_nifti(path, data, spacing=(2.0, 2.0, 2.0)):

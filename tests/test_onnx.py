@@ -7,8 +7,8 @@ import onnxruntime
 import pytest
 import tensorflow as tf
 
-from tfmlreg.export import (
 from conftest import random_inputs, registration_model
+from tfmlreg.export import (
     TF_TRT_MISSING, check_onnx_parity, export_onnx, export_saved_model, export_tf_trt,
 )
 

@@ -3,7 +3,9 @@
 Every subcommand writes its outputs into a hidden temporary folder beside ``--out`` and moves
 them into place only when it has succeeded, so a failure leaves no partial output. Bad input
 (missing or corrupt file, non-3-D image, NaN, zero spacing, a shape the model cannot take) ends
-with a one-line ``tfmlreg: error: ...`` naming the file or argument, and exit code 2.
+with a one-line ``tfmlreg: error: ...`` naming the file or argument, and exit code 2; a failure
+of the environment (an unreachable server, a TensorFlow build without TF-TRT) with one line and
+exit code 1.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import tempfile
 import textwrap
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.environ.get("TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
 
@@ -118,9 +121,10 @@ def cmd_export(args):
             export.check_onnx_parity(staged, model)
         print(f"ONNX (opset {args.opset}), parity with Keras checked: {path}")
     else:
-        saved = os.path.join(tempfile.mkdtemp(), "model")
-        export.export_saved_model(model, saved, version=1)
-        export.export_tf_trt(os.path.join(saved, "1"), args.out)
+        export.require_tf_trt()  # before any work: official pip wheels since 2.18 lack it
+        with tempfile.TemporaryDirectory() as scratch:
+            saved = export.export_saved_model(model, os.path.join(scratch, "model"), version=1)
+            export.export_tf_trt(saved, args.out)
         print(f"TF-TRT SavedModel: {args.out}")
 
 
@@ -220,11 +224,17 @@ def main(argv=None):
 
     try:
         args.function(args)
-    except (UsageError, DataError, ValueError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tfmlreg: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (UsageError, DataError, ValueError, FileNotFoundError, FileExistsError) as error:
+        return _fail(error, EXIT_BAD_INPUT)
+    except (RuntimeError, ConnectionError) as error:  # the server, or this TensorFlow build
+        return _fail(error, EXIT_FAILURE)
     return 0
+
+
+def _fail(error, code):
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"tfmlreg: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

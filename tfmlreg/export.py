@@ -319,14 +319,19 @@ def check_onnx_parity(onnx_path, reference, inputs=None, atol=1e-3, checked=("di
     return errors
 
 
+def require_tf_trt():
+    """Raise ``RuntimeError`` naming the alternatives unless this TensorFlow carries TF-TRT."""
+    if not tf.sysconfig.get_build_info().get("is_tensorrt_build", False):
+        raise RuntimeError(TF_TRT_MISSING)
+
+
 def export_tf_trt(saved_model_dir, out_dir, precision="FP16"):
     """Convert a SavedModel with TF-TRT (TensorRT inside TensorFlow); needs a TensorRT TF build.
 
     Raises ``RuntimeError`` with the alternatives on builds without TF-TRT (all official pip
     wheels since 2.18). Returns ``out_dir``.
     """
-    if not tf.sysconfig.get_build_info().get("is_tensorrt_build", False):
-        raise RuntimeError(TF_TRT_MISSING)
+    require_tf_trt()
     from tensorflow.python.compiler.tensorrt import trt_convert
 
     if os.path.exists(out_dir):
