@@ -106,7 +106,9 @@ def test_staged_fit_freezes_coarser_levels_and_starts_from_pretrained_weights():
         level = snapshot["active"]
         start = snapshot["weights"]
         # pretrained: the new level starts with exactly the lower (coarser) level's weights
-        assert_same(start[level - 1], after_stage[level + 1][level])
+        # (as they are now: trained, then batch-norm statistics re-estimated, then frozen)
+        assert_same(start[level - 1], start[level])
+        assert_changed(start[level], recorder.snapshots[0]["weights"][level])
         end = after_stage[level]
         # every frozen coarser network is bit-identical; the trained level changed
         for coarser in range(level + 1, model.levels + 1):
@@ -205,6 +207,7 @@ def test_overfitting_one_phantom_pair_lowers_the_loss_and_the_landmark_error():
     from tfmlreg.inference import KerasPredictor, register_pair
     from tfmlreg.metrics import tre
 
+    keras.utils.set_random_seed(0)  # the same initial weights on every run
     pair = phantom.as_case(phantom.make_pair((48, 48, 48), seed=2), "overfit")
     data = pipeline.make_dataset([pair], (32, 32, 32)).repeat(8)
     model = MultilevelRegistration((32, 32, 32), levels=2, base_filters=8, epsilon=0.01)
@@ -217,7 +220,7 @@ def test_overfitting_one_phantom_pair_lowers_the_loss_and_the_landmark_error():
 
     initial = landmark_error()
     histories = fit_progressive(model, data, epochs_per_level=3, learning_rate=3e-3, verbose=0)
-    for history in histories.values():
-        losses = history.history["loss"]
-        assert losses[-1] < 0.8 * losses[0]
+    coarse, fine = histories[2].history["loss"], histories[1].history["loss"]
+    assert coarse[-1] < 0.6 * coarse[0]  # the coarse level does the large motion
+    assert fine[-1] < fine[0]  # the fine level refines what is left
     assert landmark_error() < 0.7 * initial

@@ -2,7 +2,8 @@
 
 Stage ``l`` (from ``L`` down to 1) activates level ``l`` (finer levels are not computed, coarser
 ones are frozen and only produce the initial deformation), initialises its network, recompiles
-(Keras needs it after a change of ``trainable``) with a fresh optimiser, and calls ``model.fit``.
+(Keras needs it after a change of ``trainable``) with a fresh optimiser, calls ``model.fit``, and
+re-estimates the level's batch-norm statistics with its final weights.
 After each stage the weights go to ``checkpoint_dir/level{l}.weights.h5``; a rerun with the same
 ``checkpoint_dir`` loads the finished stages and resumes with the first unfinished one.
 """
@@ -44,8 +45,22 @@ def fit_progressive(model, train_data, epochs_per_level, init="pretrained", vali
             train_data, epochs=level_epochs, validation_data=validation_data,
             callbacks=[LevelInLogs()] + list(callbacks or []), verbose=verbose, **fit_kwargs,
         )
+        recalibrate_batchnorm(model, train_data)
         _save_stage(model, checkpoint_dir, level, done)
     return histories
+
+
+def recalibrate_batchnorm(model, data, batches=32):
+    """Re-estimate the trainable network's batch-norm statistics with its final weights.
+
+    During training the moving averages trail weights that keep changing; inference (and the
+    frozen coarser levels of later stages) use them, so a short, fast-learning stage can leave
+    them far from the statistics the network was trained with. Forward passes in training mode,
+    with no weight update, bring them to the final weights. Frozen networks are untouched
+    (Keras runs a non-trainable BatchNormalization in inference mode).
+    """
+    for batch in data.take(batches):
+        model(batch, training=True)
 
 
 class LevelInLogs(keras.callbacks.Callback):
