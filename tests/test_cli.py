@@ -159,7 +159,7 @@ def test_zero_spacing_and_unusable_model_shape_exit_2(workspace, phantoms, capsy
     config.write_text(json.dumps({"data": {"train": str(phantoms)}, "output": str(workspace / "x"),
                                   "model": {"shape": [40, 40, 40], "levels": 3}}))
     code, err = run_error(["train", str(config)], capsys)
-    assert code == 2 and "multiple of 16" in err
+    assert code == 2 and "multiple of 16" in err and not (workspace / "x").exists()
 
 
 def test_console_script_is_installed_and_documents_every_command():

@@ -89,8 +89,8 @@ def dataset(source, output, split, model, training, shuffle):
 def run(config, verbose="auto"):
     """Train as the config says; returns the trained model and ``{level: History}``."""
     output, training = config["output"], config["training"]
+    model = build_model(config["model"])  # a bad config fails here, before anything is written
     os.makedirs(output, exist_ok=True)
-    model = build_model(config["model"])
     train = dataset(config["data"]["train"], output, "train", model, training, shuffle=True)
     validation = None
     if "validation" in config["data"]:
