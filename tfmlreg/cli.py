@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import textwrap
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -132,7 +131,10 @@ def cmd_export(args):
 
 
 def _examples(text):
-    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+    """An epilog of example lines; a line starting with ``--`` continues the one before it."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return "examples:\n" + "\n".join(("      " if line.startswith("--") else "  ") + line
+                                      for line in lines)
 
 
 def build_parser():
