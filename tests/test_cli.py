@@ -170,3 +170,14 @@ def test_console_script_is_installed_and_documents_every_command():
         assert command in result.stdout
     result = subprocess.run([executable, "register"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
+
+
+def test_shipped_demo_model_registers_the_demo_pair(tmp_path):
+    """The README's `tfmlreg demo` with the model in saved_models/demo: TRE ≤ 30% of the
+    initial, folding < 0.5% (issue 8's bar)."""
+    out = tmp_path / "tfmlreg-demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["registered"]["tre_mean"] <= 0.3 * metrics["initial"]["tre_mean"]
+    assert metrics["registered"]["folding"] < 0.005
+    assert metrics["registered"]["dice_mean"] > metrics["initial"]["dice_mean"]
