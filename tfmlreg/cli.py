@@ -89,7 +89,8 @@ def cmd_evaluate(args):
     predictor = workflows.predictor_for(args.model, None, None)
     with staged_output(args.out) as staging:
         report = workflows.evaluate_folder(predictor, args.data, staging, figures=not args.no_figures)
-    print(open(os.path.join(args.out, os.path.basename(report))).read())
+    with open(os.path.join(args.out, os.path.basename(report))) as handle:
+        print(handle.read())
 
 
 def cmd_phantom(args):

@@ -124,10 +124,7 @@ def demo(model_path, out_dir, shape=(96, 96, 96), seed=1000):
     """Generate a phantom pair, register it with the shipped model, write outputs and metrics."""
     predictor = load_predictor(model_path)
     pair = phantom.make_pair(shape=shape, seed=seed)
-    case = {"name": f"phantom{seed}", "fixed": pair["fixed"], "moving": pair["moving"],
-            "spacing_fixed": pair["spacing"], "spacing_moving": pair["spacing"],
-            "fixed_labels": pair["fixed_labels"], "moving_labels": pair["moving_labels"],
-            "fixed_landmarks": pair["fixed_landmarks"], "moving_landmarks": pair["moving_landmarks"]}
+    case = phantom.as_case(pair, f"phantom{seed}")
     io.write_image(os.path.join(out_dir, "fixed.nii.gz"), pair["fixed"], pair["spacing"])
     io.write_image(os.path.join(out_dir, "moving.nii.gz"), pair["moving"], pair["spacing"])
     return register_and_write(predictor, case, out_dir)
