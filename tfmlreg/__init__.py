@@ -1,8 +1,34 @@
 """tfmlreg: multilevel deep-learning 3D image registration (mlVIRNET) in Keras 3 / TensorFlow."""
 
-from tfmlreg import losses, metrics
-from tfmlreg.geometry import compose, resample, resample_displacement, warp
-from tfmlreg.model import MultilevelRegistration
-from tfmlreg.training import fit_progressive
+import importlib
 
 __version__ = "0.1.0"
+
+# Public names, imported on first use (PEP 562): importing ``tfmlreg`` (as the ``tfmlreg``
+# command does) must not import TensorFlow, so ``tfmlreg --help`` answers at once. Add new
+# public names here rather than as imports. name -> (module, attribute or None for the module)
+_LAZY = {
+    "losses": ("tfmlreg.losses", None),
+    "metrics": ("tfmlreg.metrics", None),
+    "compose": ("tfmlreg.geometry", "compose"),
+    "resample": ("tfmlreg.geometry", "resample"),
+    "resample_displacement": ("tfmlreg.geometry", "resample_displacement"),
+    "warp": ("tfmlreg.geometry", "warp"),
+    "MultilevelRegistration": ("tfmlreg.model", "MultilevelRegistration"),
+    "fit_progressive": ("tfmlreg.training", "fit_progressive"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tfmlreg' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
