@@ -90,14 +90,15 @@ def _check_epsilon(epsilon):
         raise ValueError(f"epsilon: must be > 0 (intensity units per mm), got {epsilon}")
 
 
-def ngf(fixed, warped, spacing, epsilon):
+def ngf(fixed, warped, spacing, epsilon, weights=None):
     """Normalised gradient fields distance per sample, ``(B,)``, in [0, 1].
 
     ``NGF(F, M) = mean_x [1 - (∇F·∇M + ε²)² / ((|∇F|² + ε²)(|∇M|² + ε²))]`` over interior voxels.
     ``fixed`` and ``warped`` are ``(B, D, H, W, C)`` images; ``spacing`` in mm; ``epsilon > 0`` in
     intensity units per mm (the edge noise level: gradients much smaller than it count as flat).
     Images are single-channel in this package; with ``C > 1`` the distance is computed per channel
-    and averaged over channels.
+    and averaged over channels. ``weights`` ``(B, D, H, W, 1)`` (e.g. a lung or body mask, >= 0)
+    turn the mean over voxels into a weighted mean (refinement restricted to a region).
     """
     _check_epsilon(epsilon)
     fixed, dims = _prepare(fixed, "fixed")
@@ -114,7 +115,11 @@ def ngf(fixed, warped, spacing, epsilon):
     # Two ratios instead of dot² / (norm_f * norm_m): each denominator is >= ε², so neither the
     # value nor its gradient can underflow to 0/0 for flat images or overflow for steep ones.
     alignment = (dot / norm_f) * (dot / norm_m)
-    return ops.mean(_voxel_mean(1.0 - alignment), axis=-1)
+    if weights is None:
+        return ops.mean(_voxel_mean(1.0 - alignment), axis=-1)
+    weights = _shifted(ops.cast(weights, FLOAT), dims, 0, 0)
+    total = ops.maximum(_voxel_mean(weights), 1e-12)
+    return ops.mean(_voxel_mean(weights * (1.0 - alignment)) / total, axis=-1)
 
 
 def curvature(displacement, spacing):
