@@ -16,6 +16,8 @@ _LAZY = {
     "warp": ("tfmlreg.geometry", "warp"),
     "MultilevelRegistration": ("tfmlreg.model", "MultilevelRegistration"),
     "fit_progressive": ("tfmlreg.training", "fit_progressive"),
+    "refine": ("tfmlreg.refinement", "refine"),
+    "RefineConfig": ("tfmlreg.refinement", "RefineConfig"),
 }
 __all__ = sorted(_LAZY)
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tfmlreg import geometry, refine
+from tfmlreg import geometry, refinement
 
 CROP = os.path.join(os.path.dirname(__file__), "data", "ct_crop.nii.gz")
 FAST = dict(levels=3, iterations=40)
@@ -44,7 +44,7 @@ def interior_body(fixed, margin=4):
 def test_recovers_a_known_smooth_field_on_real_ct(ct):
     field = smooth_field(ct[0].shape, ct[1])
     fixed, moving = make_pair(ct, field)
-    result = refine.refine(fixed, moving, ct[1], **FAST)
+    result = refinement.refine(fixed, moving, ct[1], **FAST)
     region = interior_body(fixed)
     before = np.linalg.norm(field, axis=-1)[region].mean()
     error = np.linalg.norm(result["displacement"] - field, axis=-1)[region]
@@ -58,9 +58,9 @@ def test_never_increases_the_objective_it_minimises(ct):
     fixed, moving = make_pair(ct, field)
     rng = np.random.default_rng(0)
     start = field + rng.normal(0.0, 1.5, field.shape).astype(np.float32)
-    result = refine.refine(fixed, moving, ct[1], initial=start, levels=2, iterations=15)
-    before = refine.objective(fixed, moving, ct[1], start)
-    after = refine.objective(fixed, moving, ct[1], result["displacement"])
+    result = refinement.refine(fixed, moving, ct[1], initial=start, levels=2, iterations=15)
+    before = refinement.objective(fixed, moving, ct[1], start)
+    after = refinement.objective(fixed, moving, ct[1], result["displacement"])
     assert after < before
     for losses in result["loss"]:  # each level keeps its best state: never above its start
         assert min(losses) <= losses[0]
@@ -69,7 +69,7 @@ def test_never_increases_the_objective_it_minimises(ct):
 def test_zero_iterations_return_the_initial_field(ct):
     field = smooth_field(ct[0].shape, ct[1])
     fixed, moving = make_pair(ct, field)
-    result = refine.refine(fixed, moving, ct[1], initial=field, iterations=0)
+    result = refinement.refine(fixed, moving, ct[1], initial=field, iterations=0)
     np.testing.assert_array_equal(result["displacement"], field)
     assert result["steps"] == [0, 0, 0]
 
@@ -77,12 +77,12 @@ def test_zero_iterations_return_the_initial_field(ct):
 def test_compiled_step_is_traced_once_per_shape_and_results_are_deterministic(ct):
     field = smooth_field(ct[0].shape, ct[1], amplitude=3.0)
     fixed, moving = make_pair(ct, field)
-    first = refine.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0)
-    traces = refine.compiled_step.experimental_get_tracing_count()
-    second = refine.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0,
+    first = refinement.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0)
+    traces = refinement.compiled_step.experimental_get_tracing_count()
+    second = refinement.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0,
                            alpha=0.3, learning_rate=0.2)  # other values, same shapes
-    assert refine.compiled_step.experimental_get_tracing_count() == traces
-    third = refine.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0)
+    assert refinement.compiled_step.experimental_get_tracing_count() == traces
+    third = refinement.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0)
     np.testing.assert_array_equal(first["displacement"], third["displacement"])
     assert not np.array_equal(first["displacement"], second["displacement"])
 
@@ -102,7 +102,7 @@ def test_moving_on_its_own_grid(ct, grid):
                                            -1000.0))[0, ..., 0]
     else:  # the top 4 slices missing: a smaller field of view
         moving, moving_spacing = moving[:, :, :44], spacing
-    result = refine.refine(fixed, moving, spacing, moving_spacing, **FAST)
+    result = refinement.refine(fixed, moving, spacing, moving_spacing, **FAST)
     region = interior_body(fixed)
     region[:, :, 36:] = False  # the top, which the shorter moving image cannot show
     error = np.linalg.norm(result["displacement"] - field, axis=-1)[region]
@@ -114,8 +114,8 @@ def test_mask_restricts_the_similarity(ct):
     fixed, moving = make_pair(ct, field)
     nothing = np.zeros(fixed.shape, np.float32)
     nothing[:8, :8, :8] = 1.0  # a corner of air: no edges, nothing to register
-    masked = refine.refine(fixed, moving, ct[1], mask=nothing, levels=2, iterations=10)
-    full = refine.refine(fixed, moving, ct[1], levels=2, iterations=10)
+    masked = refinement.refine(fixed, moving, ct[1], mask=nothing, levels=2, iterations=10)
+    full = refinement.refine(fixed, moving, ct[1], levels=2, iterations=10)
     region = interior_body(fixed)
     moved = np.abs(masked["displacement"])[region].mean()
     assert moved < 0.2 * np.abs(full["displacement"])[region].mean()
@@ -129,14 +129,14 @@ def test_graph_path_matches_the_python_path():
     fixed, moving = make_pair((ct, spacing), field)
     start = 0.5 * field
     settings = dict(levels=2, iterations=8, tolerance=0, finest_spacing_mm=None)
-    python = refine.refine(fixed, moving, spacing, initial=start, **settings)["displacement"]
-    graph = refine.refine_graph(fixed[None, ..., None], moving[None, ..., None], spacing[None],
+    python = refinement.refine(fixed, moving, spacing, initial=start, **settings)["displacement"]
+    graph = refinement.refine_graph(fixed[None, ..., None], moving[None, ..., None], spacing[None],
                                 start[None], **settings)
     np.testing.assert_allclose(np.asarray(graph)[0], python, atol=1e-3)
 
 
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="iterations"):
-        refine.RefineConfig(iterations=-1)
+        refinement.RefineConfig(iterations=-1)
     with pytest.raises(ValueError, match="fixed"):
-        refine.refine(np.zeros((8, 8)), np.zeros((8, 8, 8)), 1.0)
+        refinement.refine(np.zeros((8, 8)), np.zeros((8, 8, 8)), 1.0)
