@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmlreg import geometry
+from tfmlreg import geometry, refinement
 from tfmlreg.data import pipeline
 from tfmlreg.data.io import DataError
 from tfmlreg.export import SIGNATURE
@@ -91,12 +91,38 @@ def _latest_version(path):
     return os.path.join(path, str(max(versions)))
 
 
-def register_pair(predictor, pair):
+def register_pair(predictor, pair, refine=None, progress=False):
     """Register ``moving`` to ``fixed`` of a loaded pair (see :func:`tfmlreg.data.io.load_pair`).
 
-    Returns ``{"displacement": (D, H, W, 3) mm on the fixed grid, "warped": moving on the fixed
-    grid, "seconds": model time}``; the full-resolution steps are not in ``seconds``.
+    The network (``predictor``) gives a field in one shot; ``refine`` (a
+    :class:`~tfmlreg.refinement.RefineConfig`, or None for the network alone) then optimises it
+    for this pair at full resolution. ``predictor=None`` refines from zero (the conventional
+    multilevel NGF + curvature registration). Returns ``{"displacement": (D, H, W, 3) mm on the
+    fixed grid, "warped": moving on the fixed grid, "seconds": network + refinement time,
+    "seconds_network", "seconds_refinement"}`` and, when both ran, ``"network_displacement"``.
+    The full-resolution resampling and warping are not in the times.
     """
+    if predictor is None and refine is None:
+        raise ValueError("model: with no network, refinement must be on")
+    result = {"seconds_network": 0.0, "seconds_refinement": 0.0}
+    displacement = None
+    if predictor is not None:
+        displacement, result["seconds_network"] = _network_field(predictor, pair)
+    if refine is not None:
+        refined = refinement.refine(
+            pair["fixed"], pair["moving"], pair["spacing_fixed"], pair["spacing_moving"],
+            initial=displacement, config=refine, progress=progress)
+        if displacement is not None:
+            result["network_displacement"] = displacement
+        displacement, result["seconds_refinement"] = refined["displacement"], refined["seconds"]
+    result["displacement"] = displacement
+    result["warped"] = warp_moving(pair, displacement)
+    result["seconds"] = result["seconds_network"] + result["seconds_refinement"]
+    return result
+
+
+def _network_field(predictor, pair):
+    """The network's displacement on the fixed image's own grid, and the model's time."""
     grid = pipeline.to_network_grid(pair, predictor.shape)
     start = time.perf_counter()
     outputs = predictor(grid["fixed"][None, ..., None], grid["moving"][None, ..., None],
@@ -105,8 +131,7 @@ def register_pair(predictor, pair):
     displacement = pipeline.displacement_to_full_resolution(
         outputs["displacement"][0], grid["spacing"], np.shape(pair["fixed"])
     )
-    return {"displacement": displacement, "warped": warp_moving(pair, displacement),
-            "seconds": seconds}
+    return displacement, seconds
 
 
 def warp_moving(pair, displacement):
