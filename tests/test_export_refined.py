@@ -78,3 +78,29 @@ def test_cpp_loader_runs_the_refined_signature(cpp_loader, version_dir, inputs, 
     done, outputs = run_cpp(cpp_loader, version_dir, inputs, tmp_path, REFINED_SIGNATURE)
     assert done.returncode == 0, done.stderr[-4000:]
     np.testing.assert_allclose(outputs["displacement"], python_path[0], atol=1e-2)
+
+
+def test_grpc_client_asks_for_the_refined_signature(version_dir, inputs, python_path):
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from test_serving import InProcessServingDouble
+    from tfmlreg.serving import RegistrationClient, channel_options
+
+    servicer = InProcessServingDouble("m", version_dir)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=channel_options())
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        with RegistrationClient(address, model_name="m", signature=REFINED_SIGNATURE) as client:
+            refined = client.register(inputs["fixed"], inputs["moving"], inputs["spacing"])
+        with RegistrationClient(address, model_name="m") as client:
+            network = client.register(inputs["fixed"], inputs["moving"], inputs["spacing"])
+    finally:
+        server.stop(grace=None)
+    np.testing.assert_allclose(refined["displacement"], python_path[0], atol=1e-2)
+    np.testing.assert_allclose(network["displacement"], python_path[1], atol=1e-4)
