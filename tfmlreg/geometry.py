@@ -1,6 +1,6 @@
 """Geometry on cell-centred grids: sampling, warping, composition, resampling, pyramids.
 
-Conventions (DESIGN.md section 1), used by every caller in the package:
+Conventions (docs/DESIGN.md section 1), used by every caller in the package:
 
 * layout is channels-last, ``(B, D, H, W, C)``; displacements are ``(B, D, H, W, 3)`` in mm
   along the array axes;

@@ -1,4 +1,4 @@
-"""Registration losses: NGF distance, curvature regulariser, mask distance (DESIGN.md section 1).
+"""Registration losses: NGF distance, curvature regulariser, mask distance (docs/DESIGN.md section 1).
 
 Every formula is written once, as a function returning one value per sample, shape ``(B,)``:
 

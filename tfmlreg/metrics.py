@@ -1,4 +1,4 @@
-"""Evaluation metrics on one unbatched case, NumPy in / NumPy out (DESIGN.md section 1).
+"""Evaluation metrics on one unbatched case, NumPy in / NumPy out (docs/DESIGN.md section 1).
 
 * :func:`jacobian_determinant`, :func:`folding_fraction`: regularity of ``y = x + u``;
 * :func:`dice`, :func:`warp_labels`: label overlap after warping;
