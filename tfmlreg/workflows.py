@@ -35,35 +35,12 @@ def load_keras_model(path):
 
 
 def load_files(args):
-    """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from the register options."""
-    fixed, spacing_fixed = _read_image(args.fixed, args.dirlab_case)
-    moving, spacing_moving = _read_image(args.moving, args.dirlab_case)
-    pair = {"name": os.path.basename(args.fixed), "fixed": fixed, "moving": moving,
-            "spacing_fixed": spacing_fixed, "spacing_moving": spacing_moving}
-    if args.fixed_labels:
-        pair["fixed_labels"] = io.read_labels(args.fixed_labels)[0]
-        pair["moving_labels"] = io.read_labels(args.moving_labels)[0]
-        _check_same_grid(args.fixed_labels, pair["fixed_labels"], fixed)
-        _check_same_grid(args.moving_labels, pair["moving_labels"], fixed)
-    if args.fixed_landmarks:
-        pair["fixed_landmarks"] = io.read_landmarks(args.fixed_landmarks, spacing_fixed)
-        pair["moving_landmarks"] = io.read_landmarks(args.moving_landmarks, spacing_moving)
-    return pair
-
-
-def _read_image(path, dirlab_case):
-    if str(path).endswith(".img"):
-        if dirlab_case is None:
-            raise DataError(f"{path}: a DIR-LAB .img needs --dirlab-case 1-10 (it has no header)")
-        return io.read_dirlab_image(path, dirlab_case)
-    image, spacing, _ = io.read_image(path)
-    return image, spacing
-
-
-def _check_same_grid(path, labels, image):
-    if np.shape(labels) != np.shape(image):
-        raise DataError(f"{path}: label map shape {np.shape(labels)} differs from the fixed image "
-                        f"{np.shape(image)}")
+    """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from the register options: any
+    supported format, canonical orientation, the moving image in the fixed image's frame."""
+    return io.load_images(args.fixed, args.moving, fixed_labels=args.fixed_labels,
+                          moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
+                          moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
+                          name=os.path.basename(args.fixed))
 
 
 def register_and_write(predictor, pair, out_dir):
@@ -71,10 +48,12 @@ def register_and_write(predictor, pair, out_dir):
     metrics.json and an overlay figure into ``out_dir``; returns the metrics summary."""
     result = register_pair(predictor, pair)
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
-    io.write_image(os.path.join(out_dir, "warped.nii.gz"), result["warped"], spacing)
-    io.write_displacement(os.path.join(out_dir, "displacement.nii.gz"), result["displacement"], spacing)
+    affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
+    io.write_image(os.path.join(out_dir, "warped.nii.gz"), result["warped"], spacing, affine)
+    io.write_displacement(os.path.join(out_dir, "displacement.nii.gz"), result["displacement"],
+                          spacing, affine)
     io.write_image(os.path.join(out_dir, "jacobian_determinant.nii.gz"),
-                   metrics.jacobian_determinant(result["displacement"], spacing), spacing)
+                   metrics.jacobian_determinant(result["displacement"], spacing), spacing, affine)
     summary = _summary(evaluation.evaluate_pair(pair, result))
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
