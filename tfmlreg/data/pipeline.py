@@ -7,7 +7,24 @@ same physical points, air (-1000 HU) outside its domain. When a grid is coarser 
 by more than 1.5× along an axis, the image is first smoothed there with a Gaussian of
 ``(factor - 1) / 2`` voxels (the usual anti-aliasing choice), so small vessels do not alias.
 Label maps become one-hot masks of labels ``1..K`` (background excluded) resampled trilinearly.
+
+Training that teaches registration rather than a motion prior (DESIGN.md section 7) draws, per
+element and per epoch (:func:`make_dataset`'s keyword options):
+
+* geometry (:func:`augment_geometry`, NumPy, on one network-grid element): random flips and axis
+  permutations, a swap of fixed and moving (the motion reversed), a global shift of the moving
+  image, random crops of the field of view; each applied to the images, their masks and, when
+  present, the ground-truth displacement and landmarks, consistently (a flipped axis negates its
+  displacement component; a permutation permutes the components with the axes);
+* intensity (:func:`_augment`): HU offset and density scale per image;
+* synthetic breathing on real CT: a source item that is a scan (``{"image", "spacing"}``, HU in
+  RAS+ order) gives a new random pair each epoch (:func:`tfmlreg.data.synthetic.random_pair`:
+  random amplitude and direction, small motion and pure shifts included).
+
+Every random draw comes from the dataset's ``seed``: same seed, same elements, epoch by epoch.
 """
+
+import itertools
 
 import numpy as np
 import tensorflow as tf
@@ -41,6 +58,14 @@ def _sample_on_grid(volume, volume_spacing, shape, grid_spacing, fill_value=None
     return values[..., 0] if volume.ndim == 3 else values
 
 
+def resample_image(image, spacing, shape, fill_value=AIR_HU):
+    """``(image on shape cells over its own extent, their spacing)``, anti-aliased, trilinear."""
+    shape = tuple(int(n) for n in shape)
+    grid_spacing = network_spacing(np.shape(image), spacing, shape)
+    smoothed = _antialias(np.asarray(image, np.float32), spacing, grid_spacing)
+    return _sample_on_grid(smoothed, spacing, shape, grid_spacing, fill_value), grid_spacing
+
+
 def one_hot(labels, num_labels=NUM_LABELS):
     """``(D, H, W, K)`` float32 masks of labels ``1..K`` (background excluded)."""
     labels = np.asarray(labels)
@@ -65,30 +90,65 @@ def to_network_grid(pair, shape, num_labels=NUM_LABELS):
 
 def displacement_to_full_resolution(displacement, spacing, fixed_shape):
     """A network-grid displacement (mm) evaluated on the fixed image's original grid."""
-    field = geometry.resample_displacement(np.asarray(displacement, np.float32)[None],
-                                           np.asarray(spacing, np.float32), tuple(fixed_shape))
-    return np.asarray(field)[0]
+    return _on_grid(displacement, spacing, fixed_shape)
+
+
+def _items(source):
+    """The pairs and scans of ``source``: a folder of pairs, or a list of pair dicts (with
+    ``fixed``) and scan dicts (with ``image`` and ``spacing``, for synthetic breathing)."""
+    if not isinstance(source, (list, tuple)):
+        cases = io.list_pairs(source)
+        if not cases:
+            raise io.DataError(f"{source}: no pairs found (expected <case>/fixed.nii.gz and moving.nii.gz)")
+        return [io.load_pair(case) for case in cases]
+    for index, item in enumerate(source):
+        if not isinstance(item, dict) or not ("fixed" in item or {"image", "spacing"} <= set(item)):
+            raise io.DataError(f"source[{index}]: expected a pair dict (fixed, moving, ...) or a "
+                               "scan dict (image, spacing)")
+    return list(source)
 
 
 def _pairs(source):
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    cases = io.list_pairs(source)
-    if not cases:
-        raise io.DataError(f"{source}: no pairs found (expected <case>/fixed.nii.gz and moving.nii.gz)")
-    return [io.load_pair(case) for case in cases]
+    pairs = _items(source)
+    if any("fixed" not in item for item in pairs):
+        raise io.DataError("source: scans (image, spacing) need make_dataset's synthetic mode")
+    return pairs
 
 
-def grid_arrays(source, shape, masks=True, num_labels=NUM_LABELS):
-    """All pairs of ``source`` (a folder or a list of pair dicts) on the network grid, stacked."""
-    elements = [to_network_grid(pair, shape, num_labels) for pair in _pairs(source)]
+def _grid_element(pair, shape, num_labels, displacement):
+    """One pair on the network grid; with ``displacement``, its ground truth too (mm values kept)."""
+    element = to_network_grid(pair, shape, num_labels)
+    for key in ("fixed", "moving"):
+        element[key] = element[key][..., None]
+    if displacement:
+        if pair.get("displacement") is None:
+            raise io.DataError(f"{pair.get('name', 'a pair')}: no ground-truth displacement "
+                               "(asked for with displacement=True)")
+        element["displacement"] = _on_grid(pair["displacement"], pair["spacing_fixed"], shape)
+    return element
+
+
+def _on_grid(field, spacing, shape):
+    """A displacement (mm) on another grid of the same domain."""
+    return np.asarray(geometry.resample_displacement(
+        np.asarray(field, np.float32)[None], np.asarray(spacing, np.float32), tuple(shape)))[0]
+
+
+def grid_arrays(source, shape, masks=True, num_labels=NUM_LABELS, displacement=False):
+    """All pairs of ``source`` (a folder or a list of pair dicts) on the network grid, stacked;
+    with ``displacement``, their ground-truth fields too."""
+    elements = [_grid_element(pair, shape, num_labels, displacement) for pair in _pairs(source)]
+    keys = _element_keys(elements, masks, displacement)
+    return {key: np.stack([e[key] for e in elements]) for key in keys}
+
+
+def _element_keys(elements, masks, displacement):
     keys = ["fixed", "moving", "spacing"]
     if masks and all("fixed_mask" in e and "moving_mask" in e for e in elements):
         keys += ["fixed_mask", "moving_mask"]
-    stacked = {key: np.stack([e[key] for e in elements]) for key in keys}
-    for key in ("fixed", "moving"):
-        stacked[key] = stacked[key][..., None]
-    return stacked
+    if displacement:
+        keys.append("displacement")
+    return keys
 
 
 def _augment(element, seed):
@@ -106,17 +166,176 @@ def _augment(element, seed):
     return out
 
 
+# --- geometric augmentation (NumPy, one unbatched network-grid element) -----------------------
+
+
+def _extent(element):
+    return np.asarray(element["fixed"].shape[:3]) * np.asarray(element["spacing"], np.float64)
+
+
+def flip(element, axis):
+    """The element mirrored along array ``axis``: images, masks and field reversed there, the
+    field's ``axis`` component negated, landmarks ``p → extent - p`` along it."""
+    out = dict(element)
+    for key in _VOLUMES:
+        if key in element:
+            out[key] = np.flip(element[key], axis)
+    if "displacement" in element:
+        out["displacement"] = out["displacement"].copy()
+        out["displacement"][..., axis] *= -1.0
+    for key in _LANDMARKS:
+        if key in element:
+            out[key] = np.array(element[key], copy=True)
+            out[key][:, axis] = _extent(element)[axis] - out[key][:, axis]
+    return out
+
+
+def permute(element, order):
+    """The element with its array axes reordered (new axis ``j`` = old axis ``order[j]``):
+    spacing, field components and landmark coordinates reordered with them."""
+    order = [int(k) for k in order]
+    out = dict(element)
+    for key in _VOLUMES:
+        if key in element:
+            out[key] = np.transpose(element[key], order + [3])
+    out["spacing"] = np.asarray(element["spacing"])[order]
+    if "displacement" in element:
+        out["displacement"] = out["displacement"][..., order]
+    for key in _LANDMARKS:
+        if key in element:
+            out[key] = np.asarray(element[key])[:, order]
+    return out
+
+
+def swap(element):
+    """Fixed and moving exchanged: the motion reversed. The field becomes the inverse of
+    ``y = x + u`` (numerically, :func:`tfmlreg.data.synthetic.invert_displacement`)."""
+    from tfmlreg.data import synthetic  # synthetic imports this module
+
+    out = dict(element)
+    for first, second in (("fixed", "moving"), ("fixed_mask", "moving_mask"),
+                          ("fixed_landmarks", "moving_landmarks")):
+        if first in element and second in element:
+            out[first], out[second] = element[second], element[first]
+    if "displacement" in element:
+        out["displacement"], _ = synthetic.invert_displacement(element["displacement"],
+                                                               element["spacing"])
+    return out
+
+
+def shift_moving(element, shift_mm):
+    """The moving image moved by ``-shift_mm`` (``moving'(x) = moving(x + shift)``): the field
+    becomes ``u - shift``, moving landmarks ``p - shift``; beyond the border the border continues."""
+    shift = np.asarray(shift_mm, np.float32)
+    points = _points(element["fixed"].shape[:3], element["spacing"]) + shift
+    out = dict(element)
+    for key in ("moving", "moving_mask"):
+        if key in element:
+            out[key] = _sample(element[key], points, element["spacing"])
+    if "displacement" in element:
+        out["displacement"] = element["displacement"] - shift
+    if "moving_landmarks" in element:
+        out["moving_landmarks"] = element["moving_landmarks"] - shift
+    return out
+
+
+def crop(element, start, size):
+    """The box of ``size`` voxels from voxel ``start`` (per axis), resampled back to the element's
+    shape: the new grid covers the box, so its spacing is ``size * h / shape``; mm values are
+    kept (the field's, the landmarks' relative to the box corner)."""
+    shape = np.asarray(element["fixed"].shape[:3])
+    spacing = np.asarray(element["spacing"], np.float64)
+    origin = np.asarray(start) * spacing
+    box_spacing = (np.asarray(size) * spacing / shape).astype(np.float32)
+    points = _points(tuple(shape), box_spacing) + origin.astype(np.float32)
+    out = dict(element, spacing=box_spacing)
+    for key in _VOLUMES + ("displacement",):
+        if key in element:
+            out[key] = _sample(element[key], points, spacing)
+    for key in _LANDMARKS:
+        if key in element:
+            out[key] = (element[key] - origin).astype(np.float32)
+    return out
+
+
+_VOLUMES = ("fixed", "moving", "fixed_mask", "moving_mask", "displacement")
+_LANDMARKS = ("fixed_landmarks", "moving_landmarks")
+
+
+def _points(shape, spacing):
+    return np.asarray(geometry.grid_points(tuple(shape), geometry.as_spacing(spacing, 1)))[0]
+
+
+def _sample(volume, points, spacing):
+    """``volume (D, H, W, C)`` at ``points`` mm (border values beyond the domain)."""
+    return np.asarray(geometry.sample(np.asarray(volume, np.float32)[None], points[None],
+                                      np.asarray(spacing, np.float32)))[0]
+
+
+def augment_geometry(element, rng, flips=False, permutations=False, swaps=False, shift_mm=0.0,
+                     crop_fraction=None):
+    """One random geometric augmentation of a network-grid element (unbatched, channels last).
+
+    In order: a swap of fixed and moving (probability 1/2), a crop keeping a random box of at
+    least ``crop_fraction`` of each axis, a shift of the moving image uniform in ±``shift_mm``
+    per axis, a flip of each axis (1/2 each), a random permutation among the axes of equal size
+    (the shape must not change). The ground truth (``displacement``, landmarks) follows.
+    """
+    if swaps and rng.random() < 0.5:
+        element = swap(element)
+    if crop_fraction is not None:
+        shape = np.asarray(element["fixed"].shape[:3])
+        size = rng.integers(np.ceil(crop_fraction * shape).astype(int), shape + 1)
+        element = crop(element, rng.integers(0, shape - size + 1), size)
+    if shift_mm:
+        element = shift_moving(element, rng.uniform(-shift_mm, shift_mm, 3))
+    if flips:
+        for axis in np.nonzero(rng.random(3) < 0.5)[0]:
+            element = flip(element, int(axis))
+    if permutations:
+        shape = element["fixed"].shape[:3]
+        orders = [order for order in itertools.permutations(range(3))
+                  if all(shape[order[j]] == shape[j] for j in range(3))]
+        element = permute(element, orders[rng.integers(len(orders))])
+    return element
+
+
+# --- the dataset ------------------------------------------------------------------------------
+
+
 def make_dataset(source, shape, batch_size=1, masks=True, shuffle=True, augment=False, seed=0,
-                 repeat=False, num_labels=NUM_LABELS):
-    """A ``tf.data.Dataset`` of batched model inputs from a folder of pairs or a list of pairs.
+                 repeat=False, num_labels=NUM_LABELS, *, flips=False, permutations=False,
+                 swaps=False, shift_mm=0.0, crop_fraction=None, displacement=False, motion=None):
+    """A ``tf.data.Dataset`` of batched model inputs from a folder of pairs or a list of pairs
+    and scans.
 
     Elements: ``{"fixed", "moving": (B, D, H, W, 1) raw HU, "spacing": (B, 3) mm}`` plus
-    ``"fixed_mask"``/``"moving_mask"`` ``(B, D, H, W, K)`` when ``masks`` and every pair has labels.
+    ``"fixed_mask"``/``"moving_mask"`` ``(B, D, H, W, K)`` when ``masks`` and every item has
+    labels, and ``"displacement"`` ``(B, D, H, W, 3)`` (mm, ground truth) with ``displacement``.
     Pairs are resampled once and held in memory (that is the cache); batches are prefetched.
+    ``augment``: intensity augmentation. Keyword options (all off by default, which keeps the
+    element stream of earlier versions): ``flips``, ``permutations``, ``swaps``, ``shift_mm``,
+    ``crop_fraction`` as :func:`augment_geometry`, drawn anew for every element every epoch.
+    A scan in the list (``{"image", "spacing"}``) is resampled onto the network grid once and gives
+    a new synthetic breathing pair every time it is drawn, with the motion of ``motion`` (a
+    :class:`tfmlreg.data.synthetic.RandomMotion`; default ``RandomMotion()``).
     """
-    arrays = grid_arrays(source, shape, masks, num_labels)
-    count = len(arrays["fixed"])
-    data = tf.data.Dataset.from_tensor_slices(arrays)
+    if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction: expected a fraction in (0, 1], got {crop_fraction}")
+    geometric = dict(flips=flips, permutations=permutations, swaps=swaps, shift_mm=shift_mm,
+                     crop_fraction=crop_fraction)
+    items = _items(source)
+    if not any(geometric.values()) and all("fixed" in item for item in items):
+        arrays = grid_arrays(items, shape, masks, num_labels, displacement)
+        return _batched(tf.data.Dataset.from_tensor_slices(arrays), len(arrays["fixed"]), batch_size,
+                        shuffle, augment, seed, repeat)
+    elements = _ElementSource(items, shape, num_labels, displacement, motion, geometric)
+    return elements.dataset(masks, displacement, batch_size, shuffle, augment, seed, repeat)
+
+
+def _batched(data, count, batch_size, shuffle, augment, seed, repeat):
+    """The cached path (as in earlier versions): shuffle, repeat, intensity augmentation seeded by
+    a per-element counter, batch, prefetch."""
     if shuffle:
         data = data.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -126,3 +345,80 @@ def make_dataset(source, shape, batch_size=1, masks=True, shuffle=True, augment=
         data = tf.data.Dataset.zip((data, counter)).map(
             _augment, num_parallel_calls=tf.data.AUTOTUNE)
     return data.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+
+
+class _ElementSource:
+    """Elements made in Python per draw: cached pairs and scans (synthetic breathing), then the
+    geometric augmentation; each draw's NumPy generator is seeded from the dataset's seed."""
+
+    def __init__(self, items, shape, num_labels, displacement, motion, geometric):
+        from tfmlreg.data import synthetic  # synthetic imports this module
+
+        self.shape = tuple(int(n) for n in shape)
+        self.num_labels, self.geometric = num_labels, geometric
+        self.motion = motion if motion is not None else synthetic.RandomMotion()
+        pairs = [item for item in items if "fixed" in item]
+        self.cached = [_grid_element(pair, shape, num_labels, displacement) for pair in pairs]
+        self.anatomies = [self._anatomy(item) for item in items if "fixed" not in item]
+
+    def _anatomy(self, scan):
+        from tfmlreg.data import synthetic
+
+        image, spacing = resample_image(scan["image"], scan["spacing"], self.shape)
+        return synthetic.analyse(image, spacing, name=scan.get("name", "scan"))
+
+    def __len__(self):
+        return len(self.cached) + len(self.anatomies)
+
+    def element(self, index, seed):
+        """Item ``index`` drawn with the generator of ``seed``."""
+        from tfmlreg.data import synthetic
+
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF])
+        if index < len(self.cached):
+            element = self.cached[index]
+        else:
+            anatomy = self.anatomies[index - len(self.cached)]
+            pair, _ = synthetic.random_pair(anatomy, rng, self.motion)
+            element = {"fixed": pair["fixed"][..., None], "moving": pair["moving"][..., None],
+                       "spacing": pair["spacing"], "displacement": pair["displacement"],
+                       "fixed_mask": one_hot(pair["fixed_labels"], self.num_labels),
+                       "moving_mask": one_hot(pair["moving_labels"], self.num_labels)}
+        return augment_geometry(element, rng, **self.geometric)
+
+    def signature(self, masks, displacement):
+        """``{key: shape}`` of the elements (a scan's pairs have masks and a displacement)."""
+        with_masks = [{"fixed_mask": 0, "moving_mask": 0}] * len(self.anatomies)
+        keys = _element_keys(self.cached + with_masks, masks, displacement)
+        channels = {"fixed": 1, "moving": 1, "fixed_mask": self.num_labels,
+                    "moving_mask": self.num_labels, "displacement": 3}
+        return {key: (3,) if key == "spacing" else self.shape + (channels[key],) for key in keys}
+
+    def dataset(self, masks, displacement, batch_size, shuffle, augment, seed, repeat):
+        count = len(self)
+        signature = self.signature(masks, displacement)
+        keys = list(signature)
+
+        def make(index, element_seed):
+            element = self.element(int(index), int(element_seed))
+            return [np.asarray(element[key], np.float32) for key in keys]
+
+        def load(index, element_seed):
+            values = tf.py_function(make, [index, element_seed], [tf.float32] * len(keys))
+            element = {}
+            for key, value in zip(keys, values):
+                value.set_shape(signature[key])
+                element[key] = value
+            return element, element_seed
+
+        data = tf.data.Dataset.range(count)
+        if shuffle:
+            data = data.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            data = data.repeat()
+        # a new seed per element and per epoch, the same ones for the same dataset seed
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        data = tf.data.Dataset.zip((data, seeds)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        data = data.map(_augment if augment else (lambda element, _: element),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return data.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
