@@ -127,6 +127,11 @@ def main():
             print(f"{pair['name']:28s} {method:22s} TRE {row['tre_mean']:6.2f} "
                   f"max {row['tre_max']:6.2f}  folding {row['folding_pct']:6.3f}%  "
                   f"{row['seconds']:6.1f} s", flush=True)
+        write(args, results, start)  # after every case: a stopped run keeps what it measured
+    print(f"wrote {args.out}")
+
+
+def write(args, results, start):
     header = ["# Refinement benchmark", "",
               f"`python benchmarks/refine.py {' '.join(sys.argv[1:])}` "
               f"({time.perf_counter() - start:.0f} s on {os.cpu_count()} cores). Real CTs at "
@@ -136,7 +141,6 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         handle.write(markdown(results, header))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

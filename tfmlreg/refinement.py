@@ -53,11 +53,11 @@ class RefineConfig:
 
     levels: int = 3
     iterations: int = 60  # Adam steps per level, at most
-    alpha: float = 0.5  # curvature weight (mm²), as in the training loss NGF + α·S(u)
+    alpha: float = 4.0  # curvature weight (mm²), as in the training loss NGF + α·S(u)
     epsilon: float = 0.01  # NGF edge noise level, window-normalised intensity per mm
     learning_rate: float = 0.4  # mm per Adam step at the finest level (doubles per coarser level)
     finest_spacing_mm: float | None = 1.5  # None: the finest level is the fixed image's own grid
-    max_voxels: int = 2_000_000  # cap on the finest level's cells (memory and time)
+    max_voxels: int = 1_000_000  # cap on the finest level's cells (memory and time)
     control_factor: int = 2  # level cells per control-grid cell, per axis
     tolerance: float = 1e-4  # relative loss improvement over `patience` steps that ends a level
     patience: int = 10
