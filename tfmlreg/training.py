@@ -4,14 +4,23 @@ Stage ``l`` (from ``L`` down to 1) activates level ``l`` (finer levels are not c
 ones are frozen and only produce the initial deformation), initialises its network, recompiles
 (Keras needs it after a change of ``trainable``) with a fresh optimiser, calls ``model.fit``, and
 re-estimates the level's batch-norm statistics with its final weights.
-After each stage the weights go to ``checkpoint_dir/level{l}.weights.h5``; a rerun with the same
-``checkpoint_dir`` loads the finished stages and resumes with the first unfinished one.
+With a ``checkpoint_dir`` a run survives being killed at any moment with at most the epoch in
+progress lost: after each epoch the stage's state (weights and optimiser, as Keras'
+``BackupAndRestore`` keeps it) goes to ``level{l}.backup.json`` and the weights file it names;
+after each stage its weights go to ``level{l}.weights.h5`` and the stage is recorded in
+``progress.json``. A rerun with the same ``checkpoint_dir`` loads the finished stages and resumes
+the unfinished one after its last completed epoch. Every file is written whole (a temporary name,
+then an atomic rename) and a record is written only after what it names, so a kill leaves either
+the old or the new state, never a torn one. :class:`StageCSVLogger` keeps one log of all stages
+that a resumed epoch replaces rather than repeats.
 """
 
+import csv
 import json
 import os
 
 import keras
+import tensorflow as tf
 
 INITS = ("pretrained", "xavier")
 
@@ -25,28 +34,43 @@ def fit_progressive(model, train_data, epochs_per_level, init="pretrained", vali
     paper's choice); ``"xavier"``: from Xavier-uniform weights drawn afresh. ``optimizer`` is a
     callable returning a new optimiser per stage (default Adam at ``learning_rate``).
     ``epochs_per_level`` is an int or a list, coarsest level first. Returns ``{level: History}``
-    for the stages run now (finished stages loaded from checkpoints have no entry).
+    for the stages run now (finished stages loaded from checkpoints have no entry; a resumed
+    stage's History holds the epochs run now). A ``checkpoint_dir`` belongs to one model and one
+    set of arguments: resuming with others is not detected here (``tfmlreg train`` checks the
+    config).
     """
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}, got {init!r}")
     epochs = _epochs_per_level(epochs_per_level, model.levels)
     make_optimizer = optimizer or (lambda: keras.optimizers.Adam(learning_rate))
     done = _finished_levels(checkpoint_dir)
+    _remove_partial_files(checkpoint_dir)
+    if isinstance(train_data, tf.data.Dataset):
+        fit_kwargs.setdefault("shuffle", False)  # a Dataset shuffles itself; Keras warns otherwise
     histories = {}
     for level, level_epochs in zip(range(model.levels, 0, -1), epochs):
         model.set_active_level(level)
         if level in done:
             model.load_weights(_checkpoint(checkpoint_dir, level))
             continue
+        backup = StageBackup(checkpoint_dir, level) if checkpoint_dir is not None else None
         if level < model.levels:
             _initialise(model, level, init)
         model.compile(optimizer=make_optimizer(), jit_compile=jit_compile)
+        initial_epoch = backup.restore(model) if backup else 0
+        if initial_epoch and verbose:
+            print(f"level {level}: resuming after epoch {initial_epoch} of {level_epochs}")
+        # the backup comes last: a log row is written before the state that makes it final
+        stage_callbacks = [LevelInLogs(), *(callbacks or []), *([backup] if backup else [])]
         histories[level] = model.fit(
-            train_data, epochs=level_epochs, validation_data=validation_data,
-            callbacks=[LevelInLogs()] + list(callbacks or []), verbose=verbose, **fit_kwargs,
+            train_data, epochs=level_epochs, initial_epoch=initial_epoch,
+            validation_data=validation_data, callbacks=stage_callbacks, verbose=verbose,
+            **fit_kwargs,
         )
         recalibrate_batchnorm(model, train_data)
         _save_stage(model, checkpoint_dir, level, done)
+        if backup:
+            backup.remove()  # only now: until the stage is recorded, the backup is its state
     return histories
 
 
@@ -70,6 +94,111 @@ class LevelInLogs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["level"] = self.model.active_level
+
+
+class StageBackup(keras.callbacks.Callback):
+    """The state of one stage after each epoch (what Keras' ``BackupAndRestore`` keeps, written
+    so that a kill at any moment leaves a loadable state) and its restoration.
+
+    Weights and optimiser state go to ``level{l}.epoch{e}.weights.h5``, then
+    ``level{l}.backup.json`` names that file and the number of completed epochs, then the
+    previous epoch's file goes. (``BackupAndRestore`` itself overwrites its one file in place,
+    and its restored epoch would also apply to the next stage's ``fit``.)
+    """
+
+    def __init__(self, checkpoint_dir, level):
+        super().__init__()
+        self.directory, self.level = os.fspath(checkpoint_dir), level
+        self.record = os.path.join(self.directory, f"level{level}.backup.json")
+
+    def _weights(self, epochs):
+        return os.path.join(self.directory, f"level{self.level}.epoch{epochs}.weights.h5")
+
+    def completed_epochs(self):
+        if not os.path.exists(self.record):
+            return 0
+        with open(self.record) as handle:
+            return int(json.load(handle)["completed_epochs"])
+
+    def restore(self, model):
+        """Load the last backed-up state into ``model`` (compiled); returns the epochs done."""
+        epochs = self.completed_epochs()
+        if epochs:
+            model.optimizer.build(model.trainable_variables)  # so its state loads too
+            model.load_weights(self._weights(epochs))
+        return epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        previous = self.completed_epochs()
+        os.makedirs(self.directory, exist_ok=True)
+        self.model.save_weights(self._weights(epoch + 1))
+        _write_json(self.record, {"level": self.level, "completed_epochs": epoch + 1})
+        if previous and previous != epoch + 1:
+            _remove_file(self._weights(previous))
+
+    def remove(self):
+        """Delete the record, then every epoch file of the level (a kill may have left two)."""
+        _remove_file(self.record)
+        prefix = f"level{self.level}.epoch"
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and name.endswith(".weights.h5"):
+                _remove_file(os.path.join(self.directory, name))
+
+
+class StageCSVLogger(keras.callbacks.Callback):
+    """One CSV log for a staged run: a row per (level, epoch), whatever the interruptions.
+
+    Like ``keras.callbacks.CSVLogger(append=True)`` with the level in each row, but the file is
+    rewritten whole at each epoch end (a temporary file, then a rename): a row of the same level
+    and an epoch not before this one, left by an epoch that ran before a kill, is replaced, so
+    a resumed run's log holds every epoch once.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = os.fspath(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        level = self.model.active_level
+        rows = [row for row in read_log(self.path)
+                if not (int(row["level"]) == level and int(row["epoch"]) >= epoch)]
+        values = {key: value for key, value in (logs or {}).items() if key != "level"}
+        rows.append({"level": level, "epoch": epoch, **values})
+        fields = ["level", "epoch"] + sorted({key for row in rows for key in row} - {"level", "epoch"})
+        temporary = f"{self.path}.partial"
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, self.path)
+
+
+def read_log(path):
+    """The rows of a :class:`StageCSVLogger` file (dicts of strings); none if it does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_json(path, value):
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as handle:
+        json.dump(value, handle)
+    os.replace(temporary, path)
+
+
+def _remove_partial_files(directory):
+    """Temporary files of a write that a kill interrupted (the write is redone when needed)."""
+    if directory is not None and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if ".partial" in name:
+                _remove_file(os.path.join(directory, name))
+
+
+def _remove_file(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _epochs_per_level(epochs, levels):
@@ -119,8 +248,10 @@ def _save_stage(model, checkpoint_dir, level, done):
     if checkpoint_dir is None:
         return
     os.makedirs(checkpoint_dir, exist_ok=True)
-    model.save_weights(_checkpoint(checkpoint_dir, level))
+    target = _checkpoint(checkpoint_dir, level)
+    temporary = target.replace(".weights.h5", ".partial.weights.h5")  # Keras wants the suffix
+    model.save_weights(temporary)
+    os.replace(temporary, target)
     done.add(level)
     # Written after the weights, so a stage only counts as finished once its weights are on disk.
-    with open(_progress_file(checkpoint_dir), "w") as handle:
-        json.dump({"finished_levels": sorted(done)}, handle)
+    _write_json(_progress_file(checkpoint_dir), {"finished_levels": sorted(done)})

@@ -1,0 +1,124 @@
+"""Experiment configs: every key known, every type checked, one line naming the key (issue 13)."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from tfmlreg import experiment
+from tfmlreg.cli import main
+from tfmlreg.data.io import DataError
+
+TRAINING_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "training")
+
+
+def minimal():
+    return {"data": {"train": {"phantom": {"cases": 2, "shape": [48, 48, 48]}}},
+            "model": {"shape": [16, 16, 16], "levels": 2, "base_filters": 4, "depth": 2},
+            "training": {"epochs_per_level": 1},
+            "output": "run"}
+
+
+def write(tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def load_error(tmp_path, config):
+    with pytest.raises(DataError) as raised:
+        experiment.load_config(write(tmp_path, config))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "config.json") + ": ")
+    return message
+
+
+def edited(path, value):
+    """``minimal()`` with the dotted ``path`` set to ``value``."""
+    config = minimal()
+    *parents, key = path.split(".")
+    section = config
+    for name in parents:
+        section = section[name]
+    section[key] = value
+    return config
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("training.epochs_per_levle", 3,
+     "training: unknown key 'epochs_per_levle' (did you mean 'epochs_per_level'?)"),
+    ("modle", {}, "the config: unknown key 'modle' (did you mean 'model'?)"),
+    ("model.base_filter", 8, "model: unknown key 'base_filter' (did you mean 'base_filters'?)"),
+    ("data.train.phantom.case", 2, "data.train.phantom: unknown key 'case' (did you mean 'cases'?)"),
+    ("training.zzz", 1, "training: unknown key 'zzz' (known: augment, batch_size, epochs_per_level"),
+])
+def test_unknown_keys_are_named_with_the_nearest_known_one(tmp_path, path, value, message):
+    assert message in load_error(tmp_path, edited(path, value))
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("model.shape", 32, "model.shape: expected 3 positive integers [D, H, W], got 32"),
+    ("model.shape", [32, 32], "model.shape: expected 3 positive integers [D, H, W], got [32, 32]"),
+    ("model.levels", "3", 'model.levels: expected an integer >= 1, got "3"'),
+    ("model.levels", True, "model.levels: expected an integer >= 1, got true"),
+    ("model.alpha", -1.0, "model.alpha: expected a number >= 0, got -1.0"),
+    ("training.learning_rate", "fast", 'training.learning_rate: expected a number > 0, got "fast"'),
+    ("training.init", "he", "training.init: expected one of 'pretrained', 'xavier', got \"he\""),
+    ("training.masks", "yes", 'training.masks: expected true or false, got "yes"'),
+    ("training.epochs_per_level", [1, 2, 3],
+     "training.epochs_per_level: expected 2 values (one per level, coarsest first), got 3"),
+    ("training.steps_per_epoch", 0, "training.steps_per_epoch: expected an integer >= 1, got 0"),
+    ("data.train", 5, "data.train: expected a JSON object, got 5"),
+    ("data.train", {"dir": "x"}, "data.train: the key 'phantom' is missing"),
+    ("output", ["a"], 'output: expected a string, got ["a"]'),
+    ("model.shape", [30, 30, 30],  # the model's own check
+     "model: shape: every spatial size must be a positive multiple of 4"),  # the model's own check
+])
+def test_wrong_types_and_values_give_one_line_naming_the_key(tmp_path, path, value, message):
+    assert message in load_error(tmp_path, edited(path, value))
+
+
+def test_required_sections(tmp_path):
+    config = minimal()
+    del config["model"]
+    assert "the config: the key 'model' is missing" in load_error(tmp_path, config)
+
+
+def test_defaults_are_filled_in_and_paths_made_absolute(tmp_path):
+    config = experiment.load_config(write(tmp_path, minimal()))
+    assert config["output"] == str(tmp_path / "run")
+    assert config["training"]["learning_rate"] == 1e-3 and config["training"]["init"] == "pretrained"
+    assert config["model"]["convs_per_block"] == 2 and config["model"]["intensity_window"] == [-1000.0, 200.0]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(TRAINING_DIR, "*.json"))))
+def test_shipped_configs_are_valid(path):
+    config = experiment.load_config(path)
+    assert config["model"]["shape"] and os.path.isabs(config["output"])
+
+
+def test_config_changes_say_what_changed():
+    before = {"description": "a", "model": {"levels": 2}, "training": {"epochs_per_level": 1}}
+    after = {"description": "b", "model": {"levels": 2, "alpha": 2.0},
+             "training": {"epochs_per_level": [1, 2]}}
+    assert experiment.config_changes(before, after) == [
+        "model.alpha: (unset) -> 2.0", "training.epochs_per_level: 1 -> [1, 2]"]
+    assert experiment.config_changes(before, before) == []
+
+
+def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = write(tmp_path, edited("training.epochs_per_levle", 3))
+    assert main(["train", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tfmlreg: error: {path}: training: unknown key") and "\n" not in err
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_cli_missing_data_folder_writes_nothing(tmp_path, capsys):
+    config = minimal()
+    config["data"]["train"] = "no_such_folder"
+    assert main(["train", write(tmp_path, config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_folder: no such folder" in err and "\n" not in err
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
