@@ -99,7 +99,8 @@ def test_train_evaluate_and_export(phantoms, workspace, capsys):
     assert main(["evaluate", "--model", str(run / "saved_model"), "--data", str(phantoms),
                  "--out", str(evaluated)]) == 0
     assert {"metrics.csv", "results.md", "dice_boxplot.png"} <= set(os.listdir(evaluated))
-    assert len((evaluated / "metrics.csv").read_text().splitlines()) == 1 + 2 * 2
+    # per case: initial, the network alone, network + refinement
+    assert len((evaluated / "metrics.csv").read_text().splitlines()) == 1 + 2 * 3
     assert main(["export", "--model", str(run / "model.keras"), "--out", str(workspace / "exp"),
                  "--version", "3"]) == 0
     assert (workspace / "exp" / "3" / "saved_model.pb").exists()

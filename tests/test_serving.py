@@ -7,6 +7,7 @@ The real ``tensorflow_model_server`` (and Docker) is not available here, so
 
 import pathlib
 import socket
+import threading
 from concurrent import futures
 
 import grpc
@@ -17,8 +18,8 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfmlreg.export import WARMUP_FILE, export_saved_model
-from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient, channel_options
+from tfmlreg.export import SIGNATURES, WARMUP_FILE, export_saved_model
+from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient, ServingError, channel_options
 from conftest import registration_model
 
 SHAPE = (96, 96, 96)
@@ -159,6 +160,59 @@ def test_wrong_size_is_a_one_line_error_naming_the_server(client, server):
     assert "fixed: expected shape (B, 96, 96, 96, 1), got] [1 32 32 32 1]" in message
 
 
+@pytest.mark.parametrize("name, message", [
+    ("fixed", "fixed: contains NaN or infinite values"),
+    ("moving", "moving: contains NaN or infinite values"),
+])
+def test_one_nan_voxel_is_invalid_argument_naming_the_input(client, name, message):
+    fixed, moving, spacing = blocky_pair(1)
+    inputs = {"fixed": fixed, "moving": moving, "spacing": spacing}
+    inputs[name] = inputs[name].copy()
+    inputs[name][0, 40, 50, 60, 0] = np.nan
+    with pytest.raises(ServingError) as raised:
+        client.predict(inputs)
+    assert "INVALID_ARGUMENT" in str(raised.value) and message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_empty_batch_is_invalid_argument(client):
+    empty = np.zeros((0, *SHAPE, 1), np.float32)
+    with pytest.raises(ServingError, match="INVALID_ARGUMENT.*fixed: empty batch"):
+        client.predict({"fixed": empty, "moving": empty, "spacing": np.zeros((0, 3), np.float32)})
+
+
+def test_concurrent_clients_get_every_answer_right(server, local):
+    """A bounded load test on loopback: 4 clients (threads, one channel each) send 3 requests
+    each at once, cycling through 3 different pairs; every reply must be the one for the pair
+    sent (no mix-ups between concurrent requests) and none may be lost."""
+    clients, requests = 4, 3
+    pairs = [blocky_pair(1, seed=10 + index) for index in range(3)]
+    expected = [local(*pair) for pair in pairs]
+    answers, errors = {}, []
+    start = threading.Barrier(clients)
+
+    def work(client_index):
+        try:
+            with RegistrationClient(server, model_name=MODEL_NAME, timeout=120) as client:
+                start.wait()
+                for request in range(requests):
+                    which = (client_index + request) % len(pairs)
+                    fixed, moving, spacing = pairs[which]
+                    answers[client_index, request] = which, client.register(fixed, moving, spacing)
+        except Exception as error:  # reported below, with the others
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    assert sorted(answers) == [(c, r) for c in range(clients) for r in range(requests)]
+    for which, answer in answers.values():
+        assert_matches(answer, expected[which], atol_mm=1e-6)
+
+
 def test_unknown_model_is_not_found(server):
     with RegistrationClient(server, model_name="no_such_model", timeout=10) as other:
         with pytest.raises(RuntimeError, match="model 'no_such_model'.*NOT_FOUND"):
@@ -190,15 +244,16 @@ def test_bad_arguments_fail_before_any_request(fixed_shape, moving_shape, spacin
 
 def test_warmup_records_are_requests_the_signature_accepts(version_dir, local):
     records = list(tf.data.TFRecordDataset(str(version_dir / WARMUP_FILE)).as_numpy_iterator())
-    assert len(records) >= 1
+    signatures = set()
     for record in records:
         request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
-        assert request.model_spec.signature_name == "serving_default"
+        signatures.add(request.model_spec.signature_name)
         inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
         assert sorted(inputs) == ["fixed", "moving", "spacing"]
         assert inputs["fixed"].shape == (1, *SHAPE, 1) and inputs["spacing"].shape == (1, 3)
         assert inputs["fixed"].min() < -500 < inputs["fixed"].max()  # CT-like HU, not zeros
         assert local(**inputs)["displacement"].shape == (1, *SHAPE, 3)
+    assert signatures == set(SIGNATURES)  # every signature is warmed up
 
 
 def test_models_config_serves_the_clients_default_model():

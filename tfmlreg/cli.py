@@ -1,131 +1,272 @@
 """The ``tfmlreg`` command: demo, register, train, evaluate, phantom, export.
 
-Every subcommand writes its outputs into a hidden temporary folder beside ``--out`` and moves
-them into place only when it has succeeded, so a failure leaves no partial output. Bad input
-(missing or corrupt file, non-3-D image, NaN, zero spacing, a shape the model cannot take) ends
-with a one-line ``tfmlreg: error: ...`` naming the file or argument, and exit code 2; a failure
-of the environment (an unreachable server, a TensorFlow build without TF-TRT) with one line and
-exit code 1.
+Outputs. ``--out`` must not exist or be an empty folder, unless ``--overwrite`` (which replaces
+it). Every command writes into a hidden staging folder beside ``--out`` and moves it into place
+only when it has succeeded, so an error, Ctrl-C or a kill leaves no partial output; a run holds
+a lock on its output, so a second run aimed at the same ``--out`` is refused instead of mixing
+files with the first (see :mod:`tfmlreg.output`). ``train`` writes into the config's ``output``
+folder as it goes, because that is what it resumes from: rerunning the same config resumes it,
+a changed config is refused with what changed, ``--restart`` discards the run.
+
+Input is checked before any model work: images (readable, 3-D, finite, a plausible voxel size
+of 0.05-20 mm), label maps, landmark files (columns, the same count in both, inside the image),
+configs (every key known, every type checked), the model file.
+
+Exit codes and messages (one line on stderr, ``tfmlreg: ...``):
+
+* 0: done.
+* 2: bad input or arguments, naming the file, argument or key and what is wrong (the project's
+  own input errors: ``DataError``, ``UsageError``, ``OutputError``); nothing written. ``evaluate``
+  also exits 2 when some cases could not be evaluated: it reports each (name and reason),
+  writes the results of the others and ends with a summary line.
+* 1: a failure of the environment (an unreachable or failing server, a TensorFlow build without
+  TF-TRT, a full disk) or a registration without a finite result; or an unexpected exception,
+  a bug: ``tfmlreg: internal error: ...`` with where to report it.
+* 130: interrupted (Ctrl-C), 143: terminated (SIGTERM); nothing written.
+
+``--debug`` (or the environment variable ``TFMLREG_DEBUG=1``) adds the Python traceback and
+TensorFlow's own log lines, which are otherwise silenced. ``tfmlreg --help`` and ``tfmlreg
+COMMAND --help`` answer without importing TensorFlow.
 """
 
-import argparse
-import contextlib
-import json
 import os
-import shutil
-import sys
-import tempfile
 
-EXIT_BAD_INPUT = 2
+# TensorFlow reads these when it is imported, which happens only after the arguments are parsed.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ INFO/WARNING lines
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+
+from tfmlreg import output  # noqa: E402  (no TensorFlow)
+from tfmlreg.output import OutputError  # noqa: E402
+
 EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+DEBUG_VARIABLE = "TFMLREG_DEBUG"
+REPORT_AT = "the tfmlreg issue tracker, with the command line and the --debug output"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.environ.get("TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
 
-
-class UsageError(ValueError):
-    """A bad argument or input: reported in one line, exit code 2."""
+_show_tensorflow_logs = False  # set by main() from --debug
 
 
-@contextlib.contextmanager
-def staged_output(out_dir):
-    """Yield a temporary folder; on success its files move into ``out_dir``, on failure it goes."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit code 2."""
+
+
+class EnvironmentProblem(Exception):
+    """This installation or machine cannot do what was asked: one line, exit code 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that staged outputs are cleaned up."""
+
+
+def _load(module_name):
+    """Import a module that imports TensorFlow, TensorFlow first and quietly."""
+    if not _show_tensorflow_logs:
+        _import_tensorflow_quietly()
+    return importlib.import_module(module_name)
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow with the stderr file descriptor pointed at a scratch file.
+
+    TensorFlow 2.21 writes a few C++ log lines while its libraries load, before it applies
+    ``TF_CPP_MIN_LOG_LEVEL``. They are dropped, or replayed if the import fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        yield staging
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(staging):
-            target = os.path.join(out_dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                importlib.import_module("tensorflow")
+            except BaseException:
+                os.dup2(saved, 2)
+                scratch.seek(0)
+                sys.stderr.write(scratch.read().decode(errors="replace"))
+                raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # --- subcommands ------------------------------------------------------------------------------
 
 
 def cmd_demo(args):
-    from tfmlreg import workflows
-
-    with staged_output(args.out) as staging:
-        report = workflows.demo(args.model, staging, shape=tuple(args.shape), seed=args.seed)
+    with output.staged(args.out, args.overwrite) as staging:
+        workflows = _load("tfmlreg.workflows")
+        report = workflows.demo(args.model, staging, shape=tuple(args.shape), seed=args.seed,
+                                refine=_refine_config(args))
     print(workflows.format_demo_report(report, args.out))
 
 
 def cmd_register(args):
-    from tfmlreg import workflows
-
     if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
         raise UsageError("--fixed-landmarks and --moving-landmarks go together")
     if (args.fixed_labels is None) != (args.moving_labels is None):
         raise UsageError("--fixed-labels and --moving-labels go together")
-    pair = workflows.load_files(args)
-    predictor = workflows.predictor_for(args.model, args.server, args.shape)
-    with staged_output(args.out) as staging:
-        summary = workflows.register_and_write(predictor, pair, staging)
+    with output.staged(args.out, args.overwrite) as staging:
+        workflows = _load("tfmlreg.workflows")
+        pair = workflows.load_files(args)  # every input checked before any model work
+        predictor = workflows.predictor_for(args.model, args.server, args.shape)
+        summary = workflows.register_and_write(predictor, pair, staging, _refine_config(args),
+                                               progress=sys.stderr.isatty())
     print(json.dumps(summary, indent=2))
+    times = summary["registered"]
+    print(f"network {times['seconds_network']:.2f} s, refinement "
+          f"{times['seconds_refinement']:.2f} s", file=sys.stderr)
+
+
+def _refine_config(args):
+    """The refinement settings of the command's options; None with ``--no-refine``."""
+    if args.no_refine:
+        if str(args.model).lower() == "none":
+            raise UsageError("--no-refine: with --model none there would be nothing to run")
+        return None
+    refinement = _load("tfmlreg.refinement")
+    settings = {key: value for key, value in (("iterations", args.refine_iterations),
+                                              ("alpha", args.alpha), ("epsilon", args.epsilon))
+                if value is not None}
+    try:
+        return refinement.RefineConfig(**settings)
+    except ValueError as error:
+        raise UsageError(f"--refine options: {error}") from None
+
+
+def add_refine_options(parser):
+    group = parser.add_argument_group("refinement (per-pair optimisation of NGF + alpha*curvature)")
+    group.add_argument("--no-refine", action="store_true",
+                       help="the network alone, no refinement")
+    group.add_argument("--refine-iterations", type=int, metavar="N",
+                       help="Adam steps per level, at most (default 60)")
+    group.add_argument("--alpha", type=float, help="curvature weight (default 4)")
+    group.add_argument("--epsilon", type=float, help="NGF edge noise level (default 0.01)")
 
 
 def cmd_train(args):
-    from tfmlreg import experiment, export
-
-    config = experiment.load_config(args.config)
+    experiment = _load("tfmlreg.experiment")
+    config = experiment.load_config(args.config)  # fully checked: a bad config writes nothing
     # progress bars on a terminal, one line per epoch in a log file
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-    model, _ = experiment.run(config, verbose=verbose)
-    saved = os.path.join(config["output"], "saved_model")
-    if not os.path.exists(os.path.join(saved, "1")):
-        export.export_saved_model(model, saved, version=1)
-    print(f"trained model: {os.path.join(config['output'], 'model.keras')}; SavedModel: {saved}/1")
+    experiment.run(config, verbose=verbose, restart=args.restart)
+    where = experiment.paths(config)
+    print(f"trained model: {where['model']}; SavedModel: {where['saved_model']}/1")
 
 
 def cmd_evaluate(args):
-    from tfmlreg import workflows
-
-    predictor = workflows.predictor_for(args.model, None, None)
-    with staged_output(args.out) as staging:
-        report = workflows.evaluate_folder(predictor, args.data, staging, figures=not args.no_figures)
+    with output.staged(args.out, args.overwrite) as staging:
+        workflows = _load("tfmlreg.workflows")
+        predictor = workflows.predictor_for(args.model)
+        report, failures = workflows.evaluate_folder(predictor, args.data, staging,
+                                                     figures=not args.no_figures,
+                                                     refine=_refine_config(args))
     with open(os.path.join(args.out, os.path.basename(report))) as handle:
         print(handle.read())
+    if failures:
+        names = ", ".join(failures)
+        print(f"tfmlreg: error: {len(failures)} case(s) could not be evaluated ({names}; reasons "
+              f"above and in {os.path.join(args.out, os.path.basename(report))}); the results of "
+              f"the others are in {args.out}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def cmd_phantom(args):
-    from tfmlreg.data import phantom
-
-    with staged_output(args.out) as staging:
-        phantom.write_dataset(staging, cases=args.cases, shape=tuple(args.shape),
-                              spacing=args.spacing, seed=args.seed,
-                              amplitude_mm=args.amplitude)
+    if args.cases < 1:
+        raise UsageError(f"--cases: expected at least 1, got {args.cases}")
+    with output.staged(args.out, args.overwrite) as staging:
+        phantom = _load("tfmlreg.data.phantom")
+        try:
+            phantom.write_dataset(staging, cases=args.cases, shape=tuple(args.shape),
+                                  spacing=args.spacing, seed=args.seed,
+                                  amplitude_mm=args.amplitude)
+        except ValueError as error:  # the generator's checks of its settings (grid too small...)
+            raise UsageError(f"--shape/--spacing/--amplitude: {_first_line(error)}") from None
     print(f"wrote {args.cases} phantom pair(s) to {args.out}")
 
 
-def cmd_export(args):
-    from tfmlreg import export, workflows
+def cmd_synth(args):
+    if args.pairs_per_scan < 1:
+        raise UsageError(f"--pairs-per-scan: expected at least 1, got {args.pairs_per_scan}")
+    low = args.amplitude / 2.0 if args.min_amplitude is None else args.min_amplitude
+    if not 0.0 <= low <= args.amplitude:
+        raise UsageError(f"--min-amplitude/--amplitude: expected 0 <= {low:g} <= {args.amplitude:g} mm")
+    names = [os.path.basename(os.path.normpath(path)) for path in args.ct]
+    if len(set(names)) < len(names):
+        raise UsageError("--ct: two scans share a file name; their pair folders would collide")
+    with output.staged(args.out, args.overwrite) as staging:
+        synthetic = _load("tfmlreg.data.synthetic")
+        written = synthetic.write_pairs(args.ct, staging, args.pairs_per_scan, spacing_mm=args.spacing,
+                                        amplitude_mm=args.amplitude, min_amplitude_mm=low,
+                                        direction=args.direction, seed=args.seed)
+    print(f"wrote {len(written)} synthetic breathing pair(s) to {args.out}")
 
-    model = workflows.load_keras_model(args.model)
+
+def cmd_export(args):
+    if args.version < 1:
+        raise UsageError(f"--version: expected a positive integer, got {args.version}")
     if args.format == "savedmodel":
-        target = os.path.join(args.out, str(args.version))
-        if os.path.exists(target):
-            raise UsageError(f"--out: version folder {target} exists; choose another --version")
-        export.export_saved_model(model, args.out, version=args.version)
-        print(f"SavedModel for TF Serving: {target}")
+        _export_saved_model(args)
     elif args.format == "onnx":
         path = args.out if args.out.endswith(".onnx") else os.path.join(args.out, "model.onnx")
-        with staged_output(os.path.dirname(os.path.abspath(path))) as staging:
+        with output.staged(path, args.overwrite, folder=False) as staging:
+            workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
+            model = workflows.load_keras_model(args.model)
             staged = os.path.join(staging, os.path.basename(path))
             export.export_onnx(model, staged, opset=args.opset)
             export.check_onnx_parity(staged, model)
         print(f"ONNX (opset {args.opset}), parity with Keras checked: {path}")
     else:
-        export.require_tf_trt()  # before any work: official pip wheels since 2.18 lack it
-        with tempfile.TemporaryDirectory() as scratch:
-            saved = export.export_saved_model(model, os.path.join(scratch, "model"), version=1)
-            export.export_tf_trt(saved, args.out)
+        workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
+        try:
+            export.require_tf_trt()  # before any work: official pip wheels since 2.18 lack it
+        except RuntimeError as error:
+            raise EnvironmentProblem(str(error)) from None
+        with output.staged(args.out, args.overwrite) as staging:
+            model = workflows.load_keras_model(args.model)
+            with tempfile.TemporaryDirectory() as scratch:
+                saved = export.export_saved_model(model, os.path.join(scratch, "model"), version=1)
+                os.rmdir(staging)  # the converter makes its folder itself
+                export.export_tf_trt(saved, staging)
         print(f"TF-TRT SavedModel: {args.out}")
+
+
+def _export_saved_model(args):
+    """A new version folder in the model root ``--out`` (other versions are left alone)."""
+    root = args.out
+    target = os.path.join(root, str(args.version))
+    with output.locked(root):
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise UsageError(f"--out: {root} exists and is not a folder")
+        if os.path.exists(target):
+            raise UsageError(f"--out: version folder {target} exists; choose another --version")
+        created = not os.path.exists(root)
+        try:
+            workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
+            model = workflows.load_keras_model(args.model)
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name.startswith(".") and ".partial" in name:  # left by a killed export
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            export.export_saved_model(model, root, version=args.version)
+        except BaseException:
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+    print(f"SavedModel for TF Serving: {target}")
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -138,6 +279,9 @@ def _examples(text):
                                       for line in lines)
 
 
+OVERWRITE_HELP = "replace --out if it exists and is not empty (only once the command has succeeded)"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tfmlreg", description="Multilevel deep-learning 3D image registration (mlVIRNET).",
@@ -147,8 +291,10 @@ def build_parser():
             tfmlreg register --fixed exhale.nii.gz --moving inhale.nii.gz --out result/
             tfmlreg train training/demo.json
             tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/
-        """),
+        """) + "\n\nexit codes: 0 done, 2 bad input, 1 failure or internal error, 130 interrupted",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print tracebacks and TensorFlow's log lines (or set {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, function, help_text, examples):
@@ -156,17 +302,23 @@ def build_parser():
                                   epilog=_examples(examples),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(function=function)
+        # also accepted after the command; SUPPRESS keeps it from resetting the global flag
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="print tracebacks and TensorFlow's log lines")
         return sub
 
-    model_help = f"trained model: SavedModel folder (versioned root or version) or .keras file (default: {DEFAULT_MODEL})"
+    model_help = ("trained model: SavedModel folder (versioned root or version), .keras file, or "
+                  f"'none' for refinement alone (default: {DEFAULT_MODEL})")
 
     demo = command("demo", cmd_demo, "register a phantom pair with the shipped model",
                    "tfmlreg demo\n tfmlreg demo --out /tmp/demo --seed 3")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     demo.add_argument("--out", default="tfmlreg-demo", help="output folder (default: ./tfmlreg-demo)")
+    demo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     demo.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"),
                       help="phantom grid (full resolution; default 96 96 96)")
     demo.add_argument("--seed", type=int, default=1000, help="phantom seed (default 1000, unseen in training)")
+    add_refine_options(demo)
 
     register = command(
         "register", cmd_register, "register a moving image to a fixed image",
@@ -177,7 +329,8 @@ def build_parser():
     )
     register.add_argument("--fixed", required=True, help="fixed image (NIfTI, or DIR-LAB .img)")
     register.add_argument("--moving", required=True, help="moving image (NIfTI, or DIR-LAB .img)")
-    register.add_argument("--out", required=True, help="output folder")
+    register.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    register.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     register.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     register.add_argument("--server", help="TF Serving gRPC address HOST:PORT instead of --model")
     register.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
@@ -187,22 +340,31 @@ def build_parser():
     register.add_argument("--moving-labels", help="moving label map (NIfTI)")
     register.add_argument("--fixed-landmarks", help="fixed landmarks (DIR-LAB txt: 1-based voxel x y z)")
     register.add_argument("--moving-landmarks", help="moving landmarks (DIR-LAB txt)")
+    add_refine_options(register)
 
-    train = command("train", cmd_train, "train a model from a JSON config (resumes if interrupted)",
+    train = command("train", cmd_train,
+                    "train a model from a JSON config (rerun the same command to resume)",
                     "tfmlreg train training/demo.json\n tfmlreg train training/paper_multilevel_pretrained.json")
     train.add_argument("config", help="experiment config (JSON), see training/")
     train.add_argument("--quiet", action="store_true", help="no Keras progress bars")
+    train.add_argument("--restart", action="store_true",
+                       help="discard the run in the config's output folder (e.g. after editing the "
+                            "config) and train from scratch")
+    train.set_defaults(interrupted="interrupted; rerun the same command to resume")
 
     evaluate = command("evaluate", cmd_evaluate, "evaluate a model on a folder of pairs at full resolution",
                        "tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     evaluate.add_argument("--data", required=True, help="folder of pairs (see tfmlreg.data.io)")
-    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.add_argument("--no-figures", action="store_true", help="skip the overlay figures")
+    add_refine_options(evaluate)
 
     phantom = command("phantom", cmd_phantom, "write synthetic breathing-lung phantom pairs",
                       "tfmlreg phantom --out phantoms/ --cases 4\n tfmlreg phantom --out big/ --cases 1 --shape 160 160 160")
-    phantom.add_argument("--out", required=True, help="output folder (pair layout)")
+    phantom.add_argument("--out", required=True, help="output folder (pair layout; must not exist or be empty)")
+    phantom.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     phantom.add_argument("--cases", type=int, default=1, help="number of pairs (default 1)")
     phantom.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
     phantom.add_argument("--spacing", type=float, nargs=3, metavar=("DX", "DY", "DZ"),
@@ -210,33 +372,110 @@ def build_parser():
     phantom.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
     phantom.add_argument("--amplitude", type=float, default=25.0, help="max cranio-caudal motion in mm")
 
+    synth = command("synth", cmd_synth, "write synthetic breathing pairs made from real chest CT scans",
+                    "tfmlreg synth --ct scan1.nii.gz scan2.nii.gz --out synth/ --pairs-per-scan 4\n"
+                    " tfmlreg synth --ct scan.nii.gz --out eval/ --amplitude 25 --min-amplitude 25 --direction exhale")
+    synth.add_argument("--ct", nargs="+", required=True, metavar="FILE",
+                       help="chest CT images in HU (any orientation); pairs go to OUT/<scan>_<k>/")
+    synth.add_argument("--out", required=True, help="output folder (pair layout; must not exist or be empty)")
+    synth.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    synth.add_argument("--pairs-per-scan", type=int, default=1, help="pairs per scan (default 1)")
+    synth.add_argument("--spacing", type=float, default=2.0,
+                       help="working voxel size in mm, isotropic: the scan is resampled first (default 2)")
+    synth.add_argument("--amplitude", type=float, default=30.0,
+                       help="largest cranio-caudal motion in mm (default 30)")
+    synth.add_argument("--min-amplitude", type=float,
+                       help="smallest (default: half of --amplitude); each pair draws uniformly between")
+    synth.add_argument("--direction", choices=("random", "exhale", "inhale"), default="random",
+                       help="the moving image's breathing state against the scan (default random)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     export = command("export", cmd_export, "export a trained model for TF Serving, ONNX or TF-TRT",
                      "tfmlreg export --model runs/demo/model.keras --out saved_models/demo --version 2\n"
                      " tfmlreg export --model runs/demo/model.keras --out model.onnx --format onnx")
     export.add_argument("--model", required=True, help="trained .keras model")
     export.add_argument("--out", required=True, help="model root (savedmodel), .onnx path, or folder")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing ONNX file or TF-TRT folder (a SavedModel version "
+                             "is never replaced: give another --version)")
     export.add_argument("--version", type=int, default=1, help="SavedModel version folder (default 1)")
     export.add_argument("--format", choices=("savedmodel", "onnx", "tf-trt"), default="savedmodel")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     return parser
 
 
+# --- running a command: exit codes and one-line messages --------------------------------------
+
+
 def main(argv=None):
+    global _show_tensorflow_logs
     args = build_parser().parse_args(argv)
-    from tfmlreg.data.io import DataError
-
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    _show_tensorflow_logs = debug
+    previous = _on_sigterm(_raise_terminated)
     try:
-        args.function(args)
-    except (UsageError, DataError, ValueError, FileNotFoundError, FileExistsError) as error:
-        return _fail(error, EXIT_BAD_INPUT)
-    except (RuntimeError, ConnectionError) as error:  # the server, or this TensorFlow build
-        return _fail(error, EXIT_FAILURE)
-    return 0
+        return args.function(args) or 0
+    except KeyboardInterrupt:
+        return _report(getattr(args, "interrupted", "interrupted"), None, debug, EXIT_INTERRUPTED)
+    except Terminated:
+        return _report("terminated", None, debug, EXIT_TERMINATED)
+    except Exception as error:  # noqa: BLE001  every error ends in one line (see the docstring)
+        if isinstance(error, _input_errors()):
+            return _report(f"error: {_first_line(error)}", error, debug, EXIT_BAD_INPUT)
+        if isinstance(error, _environment_errors()):
+            return _report(f"error: {_describe(error)}", error, debug, EXIT_FAILURE)
+        return _report(f"internal error: {type(error).__name__}: {_first_line(error)} (a bug: "
+                       f"please report it at {REPORT_AT}; rerun with --debug or "
+                       f"{DEBUG_VARIABLE}=1 for the traceback)", error, debug, EXIT_FAILURE)
+    finally:
+        _on_sigterm(previous)
 
 
-def _fail(error, code):
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"tfmlreg: error: {message}", file=sys.stderr)
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only); returns the one it replaced."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):  # not the main thread, or no handler to restore
+        return None
+
+
+def _input_errors():
+    """The project's own input errors (DataError only exists once its module is imported)."""
+    kinds = [UsageError, OutputError]
+    io = sys.modules.get("tfmlreg.data.io")
+    if io is not None:
+        kinds.append(io.DataError)
+    return tuple(kinds)
+
+
+def _environment_errors():
+    kinds = [EnvironmentProblem, OSError]  # OSError includes ConnectionError (the server)
+    for module, name in (("tfmlreg.serving", "ServingError"), ("tfmlreg.workflows", "RegistrationFailed")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _describe(error):
+    if isinstance(error, OSError) and not isinstance(error, ConnectionError) and error.strerror:
+        where = error.filename if error.filename is not None else type(error).__name__
+        return f"{where}: {error.strerror}"
+    return _first_line(error)
+
+
+def _report(message, error, debug, code):
+    if debug and error is not None:
+        traceback.print_exception(error)
+    print(f"tfmlreg: {message}", file=sys.stderr)
     return code
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 SIGNATURE = "serving_default"
+REFINED_SIGNATURE = "register_refined"  # the network, then refinement steps in-graph
+SIGNATURES = (SIGNATURE, REFINED_SIGNATURE)
 INPUTS = ("fixed", "moving", "spacing")
 OUTPUTS = ("displacement", "warped")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -55,18 +57,24 @@ def input_signature(shape):
     }
 
 
-def serving_fn(model, shape, check_inputs=True):
+def serving_fn(model, shape, check_inputs=True, refine=None):
     """``inputs dict -> {"displacement", "warped"}`` around ``model``, in inference mode.
 
-    With ``check_inputs``, a wrong size or rank fails up front with INVALID_ARGUMENT naming the
-    expected shape: a SavedModel signature does not enforce its TensorSpec shapes at run time
-    (C++ sessions and TF Serving feed any shape), and the model would crash deep inside.
+    With ``check_inputs``, bad inputs fail up front with INVALID_ARGUMENT and a message naming
+    the input: a wrong size or rank (a SavedModel signature does not enforce its TensorSpec
+    shapes at run time: C++ sessions and TF Serving feed any shape, and the model would crash
+    deep inside), an empty batch, NaN or infinite values, a spacing <= 0; and a non-finite
+    displacement is an error, never a result.
     """
 
     def serve(inputs):
         if check_inputs:
             inputs = _checked_inputs(inputs, shape)
         outputs = model(inputs, training=False)
+        if refine is not None:
+            outputs = _refined(inputs, outputs, refine)
+        if check_inputs:
+            outputs = _checked_outputs(outputs)
         return {name: tf.identity(outputs[name], name=name) for name in OUTPUTS}
 
     return serve
@@ -86,9 +94,35 @@ def _checked_inputs(inputs, shape):
             message="spacing: expected one (3,) row of mm per fixed image",
         ),
         tf.debugging.assert_positive(inputs["spacing"], message="spacing: must be > 0 mm"),
-    ]
+        tf.debugging.Assert(batch > 0, ["fixed: empty batch (B = 0); send at least one pair"],
+                            name="check_batch"),
+    ] + [_finite_check(inputs[name], name) for name in INPUTS]
     with tf.control_dependencies(consistent):
         return {name: tf.identity(tensor) for name, tensor in inputs.items()}
+
+
+def _refined(inputs, outputs, config):
+    """The network's field refined by ``config.iterations`` steps per level (in-graph), and the
+    moving image warped by it (outside the domain: the window's low end, i.e. air)."""
+    from tfmlreg import geometry, refinement
+
+    displacement = refinement.refine_graph(inputs["fixed"], inputs["moving"], inputs["spacing"],
+                                           outputs["displacement"], config)
+    warped = geometry.warp(inputs["moving"], displacement, inputs["spacing"],
+                           config.intensity_window[0])
+    return {"displacement": displacement, "warped": warped}
+
+
+def _finite_check(tensor, name, what="contains NaN or infinite values"):
+    return tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(tensor)), [f"{name}: {what}"],
+                               name=f"check_{name}_finite")
+
+
+def _checked_outputs(outputs):
+    check = _finite_check(outputs["displacement"], "displacement",
+                          "the model produced NaN or infinite values")
+    with tf.control_dependencies([check]):
+        return {name: tf.identity(outputs[name]) for name in OUTPUTS}
 
 
 def _shape_check(tensor, spec):
@@ -114,8 +148,13 @@ def _shape_check(tensor, spec):
 # --- SavedModel for TF Serving ----------------------------------------------------------------
 
 
-def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None):
+def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None, refine="default"):
     """Write ``out_dir/<version>/`` (``saved_model.pb``, ``variables/``, ``assets.extra/``).
+
+    Signatures: ``serving_default`` (the network alone) and, unless ``refine`` is None,
+    ``register_refined`` (the network, then ``refine.iterations`` refinement steps per level on
+    the model grid, in-graph; a :class:`~tfmlreg.refinement.RefineConfig`, "default" for the
+    defaults), with the same inputs and outputs. Each gets its warm-up records.
 
     ``out_dir`` is the model's base path for TF Serving (``NAME/``). ``warmup_requests`` is the
     number of synthetic warm-up requests (batch 1, see :func:`synthetic_pair`), or a sequence of
@@ -124,15 +163,18 @@ def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None)
     which TF Serving ignores because its name is not a number). Returns the version directory.
     """
     grid = model_grid(model, shape)
+    refine = _refine_config(refine)
     target = _version_dir(out_dir, version)
     os.makedirs(out_dir, exist_ok=True)
     requests = _warmup_inputs(warmup_requests, grid)
     staging = tempfile.mkdtemp(prefix=f".{version}.partial-", dir=out_dir)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; a server running as another user reads it
     try:
-        _write_archive(model, grid, staging)
+        _write_archive(model, grid, staging, refine)
         if requests:
-            write_warmup_requests(os.path.join(staging, WARMUP_FILE), requests)
+            signatures = SIGNATURES if refine is not None else (SIGNATURE,)
+            write_warmup_requests(os.path.join(staging, WARMUP_FILE), requests,
+                                  signatures=signatures)
         os.rename(staging, target)  # atomic; fails if the version appeared meanwhile
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -155,7 +197,15 @@ def _version_exists(target):
     return FileExistsError(f"{target}: version already exists; export another version")
 
 
-def _write_archive(model, grid, path):
+def _refine_config(refine):
+    if isinstance(refine, str) and refine == "default":
+        from tfmlreg.refinement import RefineConfig
+
+        return RefineConfig()
+    return refine
+
+
+def _write_archive(model, grid, path, refine=None):
     import keras
 
     archive = keras.export.ExportArchive()
@@ -163,6 +213,9 @@ def _write_archive(model, grid, path):
     archive.add_endpoint(
         SIGNATURE, serving_fn(model, grid), input_signature=[input_signature(grid)]
     )
+    if refine is not None:
+        archive.add_endpoint(REFINED_SIGNATURE, serving_fn(model, grid, refine=refine),
+                             input_signature=[input_signature(grid)])
     archive.write_out(path, verbose=False)
 
 
@@ -219,8 +272,9 @@ def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
     return {"fixed": scan(0.0), "moving": scan(3 * spacing[0]), "spacing": spacing[None].copy()}
 
 
-def write_warmup_requests(path, requests, model_name=""):
-    """Write TF Serving warm-up records: a TFRecord of ``PredictionLog`` s, one per input dict.
+def write_warmup_requests(path, requests, model_name="", signatures=(SIGNATURE,)):
+    """Write TF Serving warm-up records: a TFRecord of ``PredictionLog`` s, one per input dict
+    and signature.
 
     TF Serving replays them (``--enable_model_warmup``) before marking a version ready, so the
     first real request does not pay for graph optimisation and GPU autotuning.
@@ -234,11 +288,11 @@ def write_warmup_requests(path, requests, model_name=""):
         ) from error
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
-        for inputs in requests:
+        for inputs, signature in ((i, s) for s in signatures for i in requests):
             log = prediction_log_pb2.PredictionLog()
             request = log.predict_log.request
             request.model_spec.name = model_name
-            request.model_spec.signature_name = SIGNATURE
+            request.model_spec.signature_name = signature
             for name in INPUTS:
                 request.inputs[name].CopyFrom(
                     tf.make_tensor_proto(np.asarray(inputs[name], np.float32))

@@ -47,6 +47,10 @@ def save_overlays(path, fixed, panels, spacing, window=DISPLAY_WINDOW):
     """Write a grid of overlays: one column per ``panels`` entry (title -> moving-like image on
     the fixed grid, e.g. "before" and "after"), coronal row above sagittal row; ``fixed`` in blue."""
     spacing = np.broadcast_to(np.asarray(spacing, float), (3,))
+    for title, image in panels.items():  # overlaying arrays of other grids would mean nothing
+        if np.shape(image) != np.shape(fixed):
+            raise ValueError(f"save_overlays: panel {title!r} has shape {np.shape(image)}, the fixed "
+                             f"image {np.shape(fixed)}; resample it onto the fixed grid first")
     figure, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.4), squeeze=False)
     fixed_views = _views(fixed)
     for column, (title, image) in enumerate(panels.items()):

@@ -6,7 +6,9 @@
     out["displacement"]  # (D, H, W, 3) mm;  out["warped"]  # (D, H, W)
 
 Images must already be on the exported model's grid (e.g. 160³); the server answers a wrong size
-with INVALID_ARGUMENT naming the expected shape, raised here as a one-line ``RuntimeError``.
+with INVALID_ARGUMENT naming the expected shape (likewise an empty batch or NaN values, naming the
+input), raised here as a one-line :class:`ServingError`; an unreachable or too slow server as a
+one-line ``ConnectionError``.
 Needs ``grpcio`` and ``tensorflow-serving-api`` (``pip install --no-deps`` the latter: it would
 otherwise pull the full ``tensorflow`` wheel over ``tensorflow-cpu``).
 """
@@ -22,6 +24,10 @@ OUTPUTS = ("displacement", "warped")
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # The server is unreachable or too slow: the caller may retry elsewhere, hence ConnectionError.
 CONNECTION_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ServingError(RuntimeError):
+    """TF Serving answered with an error (or an unusable reply); the message is one line."""
 
 
 def channel_options(max_message_bytes=MAX_MESSAGE_BYTES):
@@ -90,7 +96,7 @@ class RegistrationClient:
             raise self._error(error) from None
         missing = set(OUTPUTS) - set(response.outputs)
         if missing:
-            raise RuntimeError(
+            raise ServingError(
                 f"TF Serving at {self.address}: model {self.model_name!r} signature "
                 f"{self.signature!r} returned no {sorted(missing)}; is it a tfmlreg export?"
             )
@@ -105,7 +111,7 @@ class RegistrationClient:
         )
         if error.code() in CONNECTION_CODES:
             return ConnectionError(message)
-        return RuntimeError(message)
+        return ServingError(message)
 
     def close(self):
         self._channel.close()

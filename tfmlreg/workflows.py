@@ -4,23 +4,56 @@ The CLI (:mod:`tfmlreg.cli`) only parses arguments and stages outputs; everythin
 into the folder it is given and can be called from Python as well.
 """
 
+import contextlib
 import json
 import os
+import sys
+import zipfile
 
 import numpy as np
 from tqdm import tqdm
 
 from tfmlreg import evaluation, metrics
 from tfmlreg.data import io, phantom
+from tfmlreg.data.checks import check_pair
 from tfmlreg.data.io import DataError
 from tfmlreg.figures import save_overlays
-from tfmlreg.inference import RemotePredictor, load_predictor, register_pair
+from tfmlreg.inference import RemotePredictor, load_predictor, register_pair, warp_moving
+
+
+class RegistrationFailed(RuntimeError):
+    """The model returned no usable result for a pair (e.g. a non-finite displacement)."""
+
+
+@contextlib.contextmanager
+def _loading(path):
+    """Errors of loading a damaged or foreign model file as one DataError naming the file."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, DecodeError,
+            tf.errors.OpError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(f"{path}: cannot load the model ({type(error).__name__}: {reason})"[:300]) from None
+
+
+NO_MODEL = "none"  # --model none: refinement alone, from zero
 
 
 def predictor_for(model_path, server=None, shape=None):
-    """A local predictor from ``model_path``, or a remote one when ``server`` is given."""
+    """A local predictor from ``model_path``, a remote one when ``server`` is given, or None for
+    ``model_path="none"`` (no network: the refinement starts from zero)."""
+    if server is None and str(model_path).lower() == NO_MODEL:
+        return None
     if server is None:
-        return load_predictor(model_path)
+        if str(model_path).endswith(".keras") and os.path.isfile(model_path):
+            _check_zip(model_path)
+        with _loading(model_path):
+            return load_predictor(model_path)
     if shape is None:
         raise DataError("--shape: the model grid is needed with --server (e.g. --shape 160 160 160)")
     return RemotePredictor(server, shape)
@@ -31,22 +64,36 @@ def load_keras_model(path):
 
     if not (os.path.isfile(path) and str(path).endswith(".keras")):
         raise DataError(f"{path}: expected a trained .keras model file")
-    return keras.saving.load_model(path)
+    _check_zip(path)
+    with _loading(path):
+        return keras.saving.load_model(path)
+
+
+def _check_zip(path):
+    """Keras reports a .keras file that is not a zip archive as "File not found"."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .keras model (a .keras file is a zip archive; this one is "
+                        "damaged or of another format)")
 
 
 def load_files(args):
     """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from the register options: any
     supported format, canonical orientation, the moving image in the fixed image's frame."""
-    return io.load_images(args.fixed, args.moving, fixed_labels=args.fixed_labels,
+    pair = io.load_images(args.fixed, args.moving, fixed_labels=args.fixed_labels,
                           moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
                           moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
                           name=os.path.basename(args.fixed))
+    check_pair(pair, {"fixed_landmarks": args.fixed_landmarks,
+                      "moving_landmarks": args.moving_landmarks})
+    return pair
 
 
-def register_and_write(predictor, pair, out_dir):
-    """Register, then write the warped image, the displacement (mm), the Jacobian determinant,
-    metrics.json and an overlay figure into ``out_dir``; returns the metrics summary."""
-    result = register_pair(predictor, pair)
+def register_and_write(predictor, pair, out_dir, refine=None, progress=False):
+    """Register (the network, then the refinement ``refine``, a RefineConfig or None), then write
+    the warped image, the displacement (mm), the Jacobian determinant, metrics.json and an overlay
+    figure into ``out_dir``; returns the metrics summary (with the time of each part).
+    Raises :class:`RegistrationFailed` (nothing written) if the result is not finite."""
+    result = _register(predictor, pair, refine, progress)
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
     affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
     io.write_image(os.path.join(out_dir, "warped.nii.gz"), result["warped"], spacing, affine)
@@ -55,11 +102,40 @@ def register_and_write(predictor, pair, out_dir):
     io.write_image(os.path.join(out_dir, "jacobian_determinant.nii.gz"),
                    metrics.jacobian_determinant(result["displacement"], spacing), spacing, affine)
     summary = _summary(evaluation.evaluate_pair(pair, result))
+    summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    save_overlays(os.path.join(out_dir, "overlay.png"), pair["fixed"],
-                  {"before": pair["moving"], "after": result["warped"]}, spacing)
+    save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"])
     return summary
+
+
+PART_TIMES = ("seconds_network", "seconds_refinement")
+
+
+def _register(predictor, pair, refine=None, progress=False):
+    """:func:`register_pair`, its result checked: a non-finite field is an error, not a result."""
+    try:
+        result = register_pair(predictor, pair, refine, progress)
+    except FloatingPointError as error:  # the refinement's own check
+        raise RegistrationFailed(f"{pair['name']}: {error}; no result written") from None
+    return checked_result(result, pair["name"])
+
+
+def checked_result(result, name):
+    """``result`` of :func:`register_pair` if finite; else :class:`RegistrationFailed`."""
+    for key in ("displacement", "warped", "network_displacement"):
+        if key in result and not np.all(np.isfinite(result[key])):
+            raise RegistrationFailed(f"{name}: the registration returned a {key} with NaN or "
+                                     "infinite values; no result written")
+    return result
+
+
+def save_overlay(path, pair, warped):
+    """Overlays before and after: the moving image resampled onto the fixed grid (the identity
+    map: the pair may have different shapes and spacings) and the warped image, on the fixed."""
+    identity = np.zeros(np.shape(pair["fixed"]) + (3,), np.float32)
+    save_overlays(path, pair["fixed"], {"before": warp_moving(pair, identity), "after": warped},
+                  pair["spacing_fixed"])
 
 
 def _summary(results):
@@ -79,34 +155,76 @@ def _plain(value):
     return float(value)
 
 
-def evaluate_folder(predictor, data_dir, out_dir, figures=True, method="registered"):
+NETWORK, REFINED, REFINED_ALONE = "network", "network + refinement", "refinement"
+
+
+def evaluate_folder(predictor, data_dir, out_dir, figures=True, refine=None):
     """Evaluate every pair of ``data_dir``; writes metrics.csv, results.md, the Dice box plot and
-    (with ``figures``) one overlay per case into ``out_dir``. Returns the results.md path."""
+    (with ``figures``) one overlay per case into ``out_dir``. Methods side by side: the network
+    alone and, with ``refine`` (a RefineConfig), the network + refinement (or the refinement
+    alone when ``predictor`` is None).
+
+    A case that cannot be read or registered (a :class:`DataError` or
+    :class:`RegistrationFailed`) is reported and skipped; the others are evaluated. Returns
+    ``(results.md path, {case: reason} of the skipped cases)``; raises DataError when no case
+    could be evaluated.
+    """
     cases = io.list_pairs(data_dir)
     if not cases:
         raise DataError(f"{data_dir}: no pairs found (see tfmlreg.data.io for the layout)")
-    results = {}
+    results, failures = {}, {}
     for case_dir in tqdm(cases, desc="evaluating", unit="case"):
-        pair = io.load_pair(case_dir)
-        registered = register_pair(predictor, pair)
-        outcome = evaluation.evaluate_pair(pair, registered)
-        results[pair["name"]] = {evaluation.INITIAL: outcome[evaluation.INITIAL],
-                                 method: outcome["registered"]}
-        if figures:
-            save_overlays(os.path.join(out_dir, f"overlay_{pair['name']}.png"), pair["fixed"],
-                          {"before": pair["moving"], "after": registered["warped"]},
-                          pair["spacing_fixed"])
-    return evaluation.write_report(out_dir, results)
+        name = os.path.basename(os.path.normpath(case_dir))
+        try:
+            results[name] = _evaluate_case(predictor, case_dir, out_dir, figures, refine)
+        except (DataError, RegistrationFailed) as error:
+            failures[name] = str(error)
+            tqdm.write(f"tfmlreg: skipped case {name}: {error}", file=sys.stderr)
+    if not results:
+        first = next(iter(failures))
+        raise DataError(f"{data_dir}: none of the {len(failures)} case(s) could be evaluated "
+                        f"({first}: {failures[first]})")
+    report = evaluation.write_report(out_dir, results)
+    if failures:
+        _append_failures(report, failures)
+    return report, failures
 
 
-def demo(model_path, out_dir, shape=(96, 96, 96), seed=1000):
-    """Generate a phantom pair, register it with the shipped model, write outputs and metrics."""
-    predictor = load_predictor(model_path)
+def _evaluate_case(predictor, case_dir, out_dir, figures, refine):
+    """Metrics ``{initial, method...}`` of one pair folder; its overlay with ``figures``."""
+    pair = io.load_pair(case_dir)
+    check_pair(pair, {key: os.path.join(case_dir, io.PAIR_FILES[key])
+                      for key in ("fixed_landmarks", "moving_landmarks")})
+    registered = _register(predictor, pair, refine)
+    outcome = evaluation.evaluate_pair(pair, registered)
+    if figures:
+        save_overlay(os.path.join(out_dir, f"overlay_{pair['name']}.png"), pair,
+                     registered["warped"])
+    methods = {evaluation.INITIAL: outcome[evaluation.INITIAL]}
+    if "network_displacement" in registered:  # both ran: the network alone beside the result
+        methods[NETWORK] = evaluation.evaluate_displacement(pair, registered["network_displacement"])
+        methods[NETWORK]["seconds"] = registered["seconds_network"]
+    final = NETWORK if refine is None else (REFINED if predictor is not None else REFINED_ALONE)
+    methods[final] = outcome["registered"]
+    return methods
+
+
+def _append_failures(report, failures):
+    with open(report, "a") as handle:
+        handle.write("\n## Cases not evaluated\n\n| Case | Reason |\n|---|---|\n")
+        for name, reason in failures.items():
+            handle.write(f"| {name} | {reason.replace('|', '/')} |\n")
+
+
+def demo(model_path, out_dir, shape=(96, 96, 96), seed=1000, refine=None):
+    """Generate a phantom pair, register it with the shipped model (then ``refine``), write
+    outputs and metrics."""
+    predictor = predictor_for(model_path)
     pair = phantom.make_pair(shape=shape, seed=seed)
     case = phantom.as_case(pair, f"phantom{seed}")
     io.write_image(os.path.join(out_dir, "fixed.nii.gz"), pair["fixed"], pair["spacing"])
     io.write_image(os.path.join(out_dir, "moving.nii.gz"), pair["moving"], pair["spacing"])
-    return register_and_write(predictor, case, out_dir)
+    return register_and_write(predictor, case, out_dir, refine)
 
 
 def format_demo_report(summary, out_dir):
@@ -117,7 +235,8 @@ def format_demo_report(summary, out_dir):
         f"{'TRE max (mm)':24s}{before['tre_max']:10.2f}{after['tre_max']:12.2f}",
         f"{'lobe Dice mean':24s}{before['dice_mean']:10.3f}{after['dice_mean']:12.3f}",
         f"{'folding (% voxels)':24s}{100 * before['folding']:10.3f}{100 * after['folding']:12.3f}",
-        f"{'model time (s)':24s}{'':10s}{after['seconds']:12.2f}",
+        f"{'network time (s)':24s}{'':10s}{after['seconds_network']:12.2f}",
+        f"{'refinement time (s)':24s}{'':10s}{after['seconds_refinement']:12.2f}",
         f"outputs in {out_dir}/: warped.nii.gz, displacement.nii.gz (mm), "
         "jacobian_determinant.nii.gz, metrics.json, overlay.png",
     ]
