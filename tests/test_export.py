@@ -195,13 +195,13 @@ def read_tensor(path):
         return np.fromfile(file, "<f4").reshape(shape)
 
 
-def run_cpp(loader, saved_model_dir, inputs, tmp_path):
+def run_cpp(loader, saved_model_dir, inputs, tmp_path, signature="serving_default"):
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
     out_dir.mkdir()
     for name, value in inputs.items():
         write_tensor(in_dir / name, value)
-    command = [str(loader), str(saved_model_dir), "serving_default", str(in_dir), str(out_dir)]
+    command = [str(loader), str(saved_model_dir), signature, str(in_dir), str(out_dir)]
     done = subprocess.run(command, capture_output=True, text=True)
     outputs = {name: read_tensor(out_dir / name) for name in sorted(os.listdir(out_dir))}
     return done, outputs
