@@ -25,6 +25,8 @@ Every random draw comes from the dataset's ``seed``: same seed, same elements, e
 """
 
 import itertools
+import queue
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -374,7 +376,7 @@ class _ElementSource:
         """Item ``index`` drawn with the generator of ``seed``."""
         from tfmlreg.data import synthetic
 
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF])
+        rng = np.random.default_rng(int(seed))
         if index < len(self.cached):
             element = self.cached[index]
         else:
@@ -395,30 +397,82 @@ class _ElementSource:
         return {key: (3,) if key == "spacing" else self.shape + (channels[key],) for key in keys}
 
     def dataset(self, masks, displacement, batch_size, shuffle, augment, seed, repeat):
+        """Elements from a Python generator fed by a background thread (:class:`_Producer`).
+
+        The elements are made with TensorFlow (the geometry) in a plain Python thread: TensorFlow
+        run from a ``py_function`` inside ``tf.data`` can deadlock (tensorflow/tensorflow#32454),
+        while ``from_generator`` only waits on a queue here. Epoch ``e`` visits the items in an
+        order and with per-element seeds drawn from ``(seed, e)``: same seed, same stream.
+        """
         count = len(self)
         signature = self.signature(masks, displacement)
-        keys = list(signature)
+        epochs = itertools.count()
 
         def make(index, element_seed):
-            element = self.element(int(index), int(element_seed))
-            return [np.asarray(element[key], np.float32) for key in keys]
+            element = self.element(index, element_seed)
+            return {key: np.asarray(element[key], np.float32) for key in signature}, element_seed
 
-        def load(index, element_seed):
-            values = tf.py_function(make, [index, element_seed], [tf.float32] * len(keys))
-            element = {}
-            for key, value in zip(keys, values):
-                value.set_shape(signature[key])
-                element[key] = value
-            return element, element_seed
+        def epoch():
+            rng = np.random.default_rng([seed, next(epochs)])
+            order = rng.permutation(count) if shuffle else np.arange(count)
+            seeds = rng.integers(0, 2**62, count)
+            producer = _Producer([(make, int(i), int(s)) for i, s in zip(order, seeds)])
+            try:
+                yield from producer
+            finally:
+                producer.stop()
 
-        data = tf.data.Dataset.range(count)
-        if shuffle:
-            data = data.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        output = ({key: tf.TensorSpec(shape, tf.float32) for key, shape in signature.items()},
+                  tf.TensorSpec((), tf.int64))
+        data = tf.data.Dataset.from_generator(epoch, output_signature=output)
         if repeat:
             data = data.repeat()
-        # a new seed per element and per epoch, the same ones for the same dataset seed
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        data = tf.data.Dataset.zip((data, seeds)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         data = data.map(_augment if augment else (lambda element, _: element),
                         num_parallel_calls=tf.data.AUTOTUNE)
         return data.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+
+
+class _Producer:
+    """Runs ``function(*args)`` for each job in a daemon thread, a few ahead of the consumer;
+    iterating yields the results in order (an error is raised where its result would be)."""
+
+    def __init__(self, jobs, ahead=2):
+        self._results = queue.Queue(maxsize=ahead)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(jobs,), daemon=True)
+        self._thread.start()
+
+    def _run(self, jobs):
+        for function, *args in jobs:
+            try:
+                result = (True, function(*args))
+            except Exception as error:  # noqa: BLE001  handed to the consumer
+                result = (False, error)
+            if not self._put(result) or not result[0]:
+                return
+        self._put((True, _DONE))
+
+    def _put(self, result):
+        """Queue ``result`` unless the consumer stops first; True when queued."""
+        while not self._stopped.is_set():
+            try:
+                self._results.put(result, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            ok, result = self._results.get()
+            if not ok:
+                raise result
+            if result is _DONE:
+                return
+            yield result
+
+    def stop(self):
+        self._stopped.set()
+
+
+_DONE = object()
