@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refine import crop_to_body, phantom_cases  # noqa: E402  (the benchmark's own case makers)
+from refine import phantom_cases  # noqa: E402  (the benchmark's own case makers)
 
 DEFAULT_VARY = ["alpha=0.1,0.25,0.5,1,2", "learning_rate=0.2,0.4,0.8",
                 "iterations=30,60,100", "control_factor=1,2,4", "epsilon=0.003,0.01,0.03",
@@ -36,8 +36,8 @@ def ct_pairs(paths, spacing):
     from tfmlreg.data import synthetic
 
     for path in paths:
-        scan = synthetic.load_scan(path, spacing)
-        image, scan_spacing = crop_to_body(scan["image"], scan["spacing"])
+        scan = synthetic.load_scan(path, spacing, crop_body_mm=10.0)
+        image, scan_spacing = scan["image"], scan["spacing"]
         yield synthetic.make_pair(image, scan_spacing, seed=0, amplitude_mm=25.0,
                                   direction="exhale", name=scan["name"])
 

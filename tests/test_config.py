@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tfmlreg import experiment
@@ -70,7 +71,17 @@ def test_unknown_keys_are_named_with_the_nearest_known_one(tmp_path, path, value
      "training.epochs_per_level: expected 2 values (one per level, coarsest first), got 3"),
     ("training.steps_per_epoch", 0, "training.steps_per_epoch: expected an integer >= 1, got 0"),
     ("data.train", 5, "data.train: expected a JSON object, got 5"),
-    ("data.train", {"dir": "x"}, "data.train: the key 'phantom' is missing"),
+    ("data.train", {"dir": "x"},
+     "data.train: expected a folder of pairs, or an object with 'phantom' and/or 'scans'"),
+    ("data.train", {"scans": {"spacing_mm": 2.0}}, "data.train.scans: the key 'files' is missing"),
+    ("data.train", {"scans": {"files": "a.nii.gz"}},
+     'data.train.scans.files: expected a non-empty list of file paths, got "a.nii.gz"'),
+    ("training.geometric", {"flip": True},
+     "training.geometric: unknown key 'flip' (did you mean 'flips'?)"),
+    ("training.geometric", {"crop_fraction": 2.0},
+     "training.geometric.crop_fraction: expected a number in [0.05, 1.0], got 2.0"),
+    ("training.motion", {"pure_shift": -0.5},
+     "training.motion.pure_shift: expected a number in [0, 1], got -0.5"),
     ("output", ["a"], 'output: expected a string, got ["a"]'),
     ("model.shape", [30, 30, 30],  # the model's own check
      "model: shape: every spatial size must be a positive multiple of 4"),  # the model's own check
@@ -96,6 +107,48 @@ def test_defaults_are_filled_in_and_paths_made_absolute(tmp_path):
 def test_shipped_configs_are_valid(path):
     config = experiment.load_config(path)
     assert config["model"]["shape"] and os.path.isabs(config["output"])
+
+
+CROP = os.path.join(os.path.dirname(__file__), "data", "ct_crop.nii.gz")
+
+
+def scan_config(files):
+    """A tiny run on real-CT scans with synthetic breathing and every geometric augmentation."""
+    config = minimal()
+    config["data"]["train"] = {"scans": {"files": files, "spacing_mm": 3.0, "draws_per_epoch": 2}}
+    config["model"]["shape"] = [32, 32, 32]
+    config["training"].update(augment=True, steps_per_epoch=2, geometric={
+        "flips": True, "permutations": True, "swaps": True, "shift_mm": 4.0, "crop_fraction": 0.8},
+        motion={"amplitude_mm": 15.0, "pure_shift": 0.5})
+    return config
+
+
+def test_scan_sources_get_defaults_and_absolute_paths(tmp_path):
+    config = experiment.load_config(write(tmp_path, scan_config(["ct.nii.gz"])))
+    scans = config["data"]["train"]["scans"]
+    assert scans["files"] == [str(tmp_path / "ct.nii.gz")]
+    assert scans["spacing_mm"] == 3.0 and scans["crop_body_mm"] == 10.0 and scans["draws_per_epoch"] == 2
+
+
+def test_a_missing_scan_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["train", write(tmp_path, scan_config(["missing.nii.gz"]))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"data.train.scans.files: {tmp_path / 'missing.nii.gz'}: no such file")
+    assert "\n" not in err and sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_training_on_scans_with_synthetic_breathing_runs_from_a_config(tmp_path):
+    config = experiment.load_config(write(tmp_path, scan_config([CROP])))
+    data = experiment.dataset(config["data"]["train"], config["output"], "train",
+                              experiment.build_model(config["model"]), config["training"], True)
+    first, second = [next(iter(data)) for _ in range(2)]  # a new pair per draw and epoch
+    assert first["fixed"].shape == (1, 32, 32, 32, 1) and first["fixed_mask"].shape[-1] == 5
+    assert not np.allclose(first["moving"], second["moving"])
+    model, histories = experiment.run(config, verbose=0)
+    assert sorted(histories) == [1, 2] and all(np.isfinite(h.history["loss"]).all()
+                                               for h in histories.values())
+    with open(experiment.paths(config)["log"]) as handle:
+        assert len(handle.read().strip().splitlines()) == 1 + 2  # header, one row per stage
 
 
 def test_config_changes_say_what_changed():

@@ -50,6 +50,23 @@ def test_translation_is_recovered_in_mm():
     np.testing.assert_allclose(displacement[on_blobs].mean(axis=0), translation, atol=1.0)
 
 
+def test_trained_on_a_shift_and_its_reverse_both_are_registered():
+    """The network must read the direction off the images: one field for both pairs (a learned
+    average motion) is at least |t| off on one of them, since |d - t| + |d + t| >= 2|t|."""
+    keras.utils.set_random_seed(0)
+    translation = np.array([6.0, -4.0, 0.0])
+    pairs = [translated_pair(32, sign * translation) for sign in (1.0, -1.0)]
+    both = tf.data.Dataset.from_tensor_slices(
+        {key: np.concatenate([p[key] for p in pairs]) for key in pairs[0]})
+    model = MultilevelRegistration((32, 32, 32), levels=2, base_filters=8, alpha=0.1, epsilon=0.05)
+    fit_progressive(model, both.repeat(10).shuffle(20, seed=0).batch(1), epochs_per_level=6,
+                    learning_rate=3e-3, verbose=0)
+    for sign, pair in zip((1.0, -1.0), pairs):
+        on_blobs = pair["fixed"][0, ..., 0] > -700
+        recovered = np.asarray(model(pair)["displacement"])[0][on_blobs].mean(axis=0)
+        assert np.linalg.norm(recovered - sign * translation) < 0.8 * np.linalg.norm(translation)
+
+
 def test_network_output_is_scaled_to_mm_by_the_level_spacing():
     model = small_model(levels=1)
     flow = model.net(1).get_layer("flow")

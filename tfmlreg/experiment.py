@@ -117,6 +117,12 @@ def _either(first, second, what):
     return check
 
 
+def _list_of_texts(value):
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _Invalid("a non-empty list of file paths")
+    return value
+
+
 def _epochs(value):
     if isinstance(value, list):
         if not value:
@@ -131,7 +137,11 @@ PHANTOM = {
     "spacing": _optional(_list(_number(positive=True), 3, "3 voxel sizes in mm or null")),
     "amplitude_mm": _number(low=0),
 }
-SOURCE = {"phantom": PHANTOM, "dir": _text}  # or a folder of pairs, as a string
+SCANS = {
+    "files": lambda value: _list_of_texts(value), "spacing_mm": _number(positive=True),
+    "crop_body_mm": _optional(_number(low=0)), "draws_per_epoch": _integer(1),
+}
+SOURCE = {"phantom": PHANTOM, "dir": _text, "scans": SCANS}  # or a folder of pairs, as a string
 MODEL = {
     "shape": SHAPE, "levels": _integer(1), "base_filters": _integer(1), "depth": _integer(1),
     "convs_per_block": _integer(1),
@@ -139,17 +149,26 @@ MODEL = {
     "alpha": _number(low=0), "beta": _number(low=0), "epsilon": _number(positive=True),
     "batchnorm_momentum": _number(low=0, high=1),
 }
+GEOMETRIC = {  # pipeline.augment_geometry's options
+    "flips": _boolean, "permutations": _boolean, "swaps": _boolean, "shift_mm": _number(low=0),
+    "crop_fraction": _optional(_number(low=0.05, high=1.0)),
+}
+MOTION = {  # synthetic.RandomMotion's fields
+    "amplitude_mm": _number(low=0), "shift_mm": _number(low=0), "pure_shift": _number(low=0, high=1),
+    "noise_hu": _list(_number(low=0), 2, "[low, high] noise standard deviations in HU"),
+}
 TRAINING = {
     "epochs_per_level": _epochs, "init": _choice(INITS), "learning_rate": _number(positive=True),
     "batch_size": _integer(1), "steps_per_epoch": _optional(_integer(1)), "masks": _boolean,
-    "augment": _boolean,
+    "augment": _boolean, "geometric": GEOMETRIC, "motion": MOTION,
 }
 TRAINING_DEFAULTS = {"epochs_per_level": 4, "init": "pretrained", "learning_rate": 1e-3,
                      "batch_size": 1, "steps_per_epoch": None, "masks": True, "augment": False}
+SCANS_DEFAULTS = {"spacing_mm": 2.5, "crop_body_mm": 10.0, "draws_per_epoch": 1}
 SCHEMA = {"description": _text, "data": {"train": SOURCE, "validation": SOURCE},
           "model": MODEL, "training": TRAINING, "output": _text}
 REQUIRED = {"": ("data", "model", "output"), "data": ("train",), "model": ("shape",),
-            "data.train": ("phantom",), "data.validation": ("phantom",)}
+            "data.train.scans": ("files",), "data.validation.scans": ("files",)}
 MODEL_KEYS = tuple(MODEL)
 
 
@@ -172,6 +191,9 @@ def _validate(value, schema, where, path):
     for key in REQUIRED.get(where, ()):
         if key not in value:
             raise DataError(f"{path}: {where or 'the config'}: the key {key!r} is missing")
+    if schema is SOURCE and not {"phantom", "scans"} & set(value):
+        raise DataError(f"{path}: {where}: expected a folder of pairs, or an object with "
+                        "'phantom' and/or 'scans'")
     return {key: _validate(item, schema[key], f"{where}.{key}" if where else key, path)
             for key, item in value.items()}
 
@@ -219,8 +241,12 @@ def load_config(path):
 def _absolute(source, base):
     if not isinstance(source, dict):
         return os.path.normpath(os.path.join(base, source))
+    source = dict(source)
     if "dir" in source:
-        return {**source, "dir": os.path.normpath(os.path.join(base, source["dir"]))}
+        source["dir"] = os.path.normpath(os.path.join(base, source["dir"]))
+    if "scans" in source:
+        files = [os.path.normpath(os.path.join(base, f)) for f in source["scans"]["files"]]
+        source["scans"] = {**SCANS_DEFAULTS, **source["scans"], "files": files}
     return source
 
 
@@ -289,17 +315,23 @@ def _write_json(path, value):
 
 
 def check_sources(config):
-    """Folders of pairs named by the config exist and hold pairs (before anything is written)."""
+    """Folders of pairs and scan files named by the config exist (before anything is written)."""
     for split, source in config["data"].items():
         if not isinstance(source, dict) and not io.list_pairs(source):
             raise DataError(f"data.{split}: {source}: no pairs found (expected "
                             "<case>/fixed.nii.gz and moving.nii.gz)")
+        for path in source.get("scans", {}).get("files", []) if isinstance(source, dict) else []:
+            if not os.path.isfile(path):
+                raise DataError(f"data.{split}.scans.files: {path}: no such file")
 
 
 def data_dir(source, output, split):
-    """A folder of pairs: the given one, or phantoms generated into ``output/data/split`` once."""
+    """A folder of pairs: the given one, or phantoms generated into ``output/data/split`` once
+    (None for a source of scans alone)."""
     if not isinstance(source, dict):
         return source
+    if "phantom" not in source:
+        return None
     target = source.get("dir", os.path.join(output, "data", split))
     with outputs.locked(target, what=f"data.{split}.dir"):  # arms sharing it generate it once
         if not os.path.isdir(target):
@@ -332,11 +364,34 @@ def _check_phantoms(spec, target, split):
                         + "; ".join(changes) + "); remove it or choose another dir")
 
 
+def _scan_items(spec):
+    """The scans of a ``scans`` section, each listed ``draws_per_epoch`` times (each draw is a
+    new synthetic pair)."""
+    from tfmlreg.data import synthetic
+
+    scans = [synthetic.load_scan(path, spec["spacing_mm"], spec["crop_body_mm"])
+             for path in spec["files"]]
+    return [scan for scan in scans for _ in range(spec["draws_per_epoch"])]
+
+
 def dataset(source, output, split, model, training, shuffle):
-    return pipeline.make_dataset(
-        data_dir(source, output, split), shape=model.shape, batch_size=training["batch_size"],
-        masks=training["masks"], shuffle=shuffle, augment=training["augment"] and shuffle,
-    )
+    """The split's ``tf.data`` pipeline. Stored pairs and phantoms alone (no geometric
+    augmentation, no scans) take the cached path; anything else makes elements per draw."""
+    from tfmlreg.data import synthetic
+
+    folder = data_dir(source, output, split)
+    options = dict(shape=model.shape, batch_size=training["batch_size"], masks=training["masks"],
+                   shuffle=shuffle, augment=training["augment"] and shuffle)
+    scans = source.get("scans") if isinstance(source, dict) else None
+    if scans is None and not (shuffle and training.get("geometric")):
+        return pipeline.make_dataset(folder, **options)
+    items = [io.load_pair(case) for case in io.list_pairs(folder)] if folder else []
+    items += _scan_items(scans) if scans else []
+    motion = synthetic.RandomMotion(**{key: tuple(value) if isinstance(value, list) else value
+                                       for key, value in training.get("motion", {}).items()})
+    geometric = training.get("geometric", {}) if shuffle else {}
+    return pipeline.make_dataset(items, **options, **geometric, motion=motion,
+                                 seed=0 if shuffle else 1, repeat=False)
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -361,13 +361,16 @@ class _ElementSource:
         self.motion = motion if motion is not None else synthetic.RandomMotion()
         pairs = [item for item in items if "fixed" in item]
         self.cached = [_grid_element(pair, shape, num_labels, displacement) for pair in pairs]
-        self.anatomies = [self._anatomy(item) for item in items if "fixed" not in item]
+        analysed = {}  # a scan listed several times (several draws per epoch) is analysed once
+        self.anatomies = [self._anatomy(item, analysed) for item in items if "fixed" not in item]
 
-    def _anatomy(self, scan):
+    def _anatomy(self, scan, analysed):
         from tfmlreg.data import synthetic
 
-        image, spacing = resample_image(scan["image"], scan["spacing"], self.shape)
-        return synthetic.analyse(image, spacing, name=scan.get("name", "scan"))
+        if id(scan) not in analysed:
+            image, spacing = resample_image(scan["image"], scan["spacing"], self.shape)
+            analysed[id(scan)] = synthetic.analyse(image, spacing, name=scan.get("name", "scan"))
+        return analysed[id(scan)]
 
     def __len__(self):
         return len(self.cached) + len(self.anatomies)
@@ -425,6 +428,8 @@ class _ElementSource:
         output = ({key: tf.TensorSpec(shape, tf.float32) for key, shape in signature.items()},
                   tf.TensorSpec((), tf.int64))
         data = tf.data.Dataset.from_generator(epoch, output_signature=output)
+        # the epoch's length, so Keras need not run out of data to learn it (and warn)
+        data = data.apply(tf.data.experimental.assert_cardinality(count))
         if repeat:
             data = data.repeat()
         data = data.map(_augment if augment else (lambda element, _: element),

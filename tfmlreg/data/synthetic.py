@@ -88,13 +88,30 @@ def resampled_affine(affine, spacing, new_spacing):
     return out
 
 
-def load_scan(path, spacing_mm=None):
-    """A scan dict ``{"name", "image", "spacing", "affine"}`` (RAS+), resampled to ``spacing_mm``."""
+def load_scan(path, spacing_mm=None, crop_body_mm=None):
+    """A scan dict ``{"name", "image", "spacing", "affine"}`` (RAS+), resampled to ``spacing_mm``
+    and, with ``crop_body_mm``, cropped to the body plus that margin (:func:`crop_to_body`)."""
     image, spacing, affine = read_ct(path)
     if spacing_mm is not None:
         image, new_spacing = resample_ct(image, spacing, spacing_mm)
         affine, spacing = resampled_affine(affine, spacing, new_spacing), new_spacing
+    if crop_body_mm is not None:
+        image, low = crop_to_body(image, spacing, crop_body_mm)
+        affine = np.array(affine, np.float64)
+        affine[:3, 3] += affine[:3, :3] @ low
     return {"name": scan_name(path), "image": image, "spacing": spacing, "affine": affine}
+
+
+def crop_to_body(image, spacing, margin_mm=10.0):
+    """``(the body's bounding box plus a margin, its first voxel index)``: the air around a
+    patient (and most of the table) is no registration work."""
+    body, _ = body_and_lung_masks(image, spacing)
+    index = np.argwhere(body)
+    margin = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
+    low = np.maximum(index.min(0) - margin, 0)
+    high = np.minimum(index.max(0) + margin + 1, image.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    return np.ascontiguousarray(image[box]), low
 
 
 def scan_name(path):
