@@ -4,10 +4,12 @@ A config (see ``training/*.json``) has these parts; paths are relative to the co
 
     {
       "description": "free text (optional)",
-      "data":  {"train": "DIR" | {"phantom": {...}, "dir": "DIR"}, "validation": ... (optional)},
+      "data":  {"train": "DIR" | {"phantom": {...}, "dir": "DIR", "scans": {...}},
+                "validation": ... (optional)},
       "model": {"shape": [64, 64, 64], "levels": 3, "base_filters": 8, "alpha": ..., ...},
       "training": {"epochs_per_level": 4, "init": "pretrained", "learning_rate": 1e-3,
-                   "batch_size": 1, "steps_per_epoch": null, "masks": true, "augment": false},
+                   "batch_size": 1, "steps_per_epoch": null, "masks": true, "augment": false,
+                   "geometric": {...}, "motion": {...}},
       "output": "runs/NAME"
     }
 
@@ -18,6 +20,16 @@ misspelt key is an error naming the nearest known one, never silently a default.
 "dir": "DIR"}`` generates phantom pairs once into ``DIR`` (default ``OUTPUT/data/<split>``) and
 reuses them when they exist (with the same phantom settings, recorded in ``DIR/phantoms.json``),
 so a resumed run, or several arms sharing ``DIR``, see the same data.
+
+``"scans": {"files": [CT, ...], "spacing_mm": 2.5, "crop_body_mm": 10, "draws_per_epoch": 1}``
+adds real chest CTs (any format :func:`tfmlreg.data.io.read_image` reads), each read into RAS+,
+resampled to ``spacing_mm``, cropped to the body plus ``crop_body_mm`` and drawn
+``draws_per_epoch`` times per epoch, every draw a new synthetic breathing pair with exact ground
+truth (:mod:`tfmlreg.data.synthetic`) whose motion ``training.motion`` sets (the fields of
+:class:`~tfmlreg.data.synthetic.RandomMotion`). ``training.geometric`` (the options of
+:func:`tfmlreg.data.pipeline.augment_geometry`: ``flips``, ``permutations``, ``swaps``,
+``shift_mm``, ``crop_fraction``) augments the training pairs, phantoms included, with their
+ground truth; validation data are never augmented.
 
 The run writes ``OUTPUT/run.json`` (the config it was started with), ``OUTPUT/checkpoints/``
 (per finished stage, and the state of the stage in progress after each epoch),

@@ -1,0 +1,96 @@
+"""The whole ``tfmlreg register`` command against elastix B-spline on one real chest-CT pair.
+
+    python benchmarks/register_time.py [--ct ../shared/data/ct/lung-pet-ct-dx-a0001.nii.gz]
+                                       [--spacing 1.5] [--size 120 100 110] [--repeats 2]
+                                       [--model saved_models/chest_ct]
+
+The CT is resampled to ``--spacing`` mm and a box of ``--size`` voxels around the centre of its
+lungs is cut out; a 25 mm synthetic breathing pair (exhale) of it is written as NIfTI. Then, in
+turn and ``--repeats`` times: ``tfmlreg register`` as a user runs it (a new process, TensorFlow
+start-up, reading, network, refinement with its compilation, writing every output), and elastix
+B-spline in this process on the same arrays (its wall time, reading excluded). Prints each
+wall time, the refinement's own seconds (from ``metrics.json``) and the medians.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def lung_box(path, spacing, size):
+    """``(image, spacing)``: the CT at ``spacing`` mm, the ``size`` box around its lungs' centre."""
+    from tfmlreg.data import synthetic
+
+    scan = synthetic.load_scan(path, spacing)
+    _, lungs = synthetic.body_and_lung_masks(scan["image"], scan["spacing"])
+    centre = np.argwhere(lungs).mean(0).round().astype(int)
+    size = np.minimum(size, scan["image"].shape)
+    low = np.clip(centre - size // 2, 0, np.asarray(scan["image"].shape) - size)
+    box = tuple(slice(a, a + n) for a, n in zip(low, size))
+    return np.ascontiguousarray(scan["image"][box]), scan["spacing"]
+
+
+def write_pair(image, spacing, folder):
+    import nibabel as nib
+
+    from tfmlreg.data import synthetic
+
+    pair = synthetic.make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale")
+    affine = np.diag([*spacing, 1.0])
+    for side in ("fixed", "moving"):
+        nib.save(nib.Nifti1Image(pair[side].astype(np.float32), affine),
+                 os.path.join(folder, f"{side}.nii.gz"))
+    return pair
+
+
+def time_register(folder, model, run):
+    out = os.path.join(folder, f"out{run}")
+    command = [sys.executable, "-m", "tfmlreg.cli", "register", "--fixed",
+               os.path.join(folder, "fixed.nii.gz"), "--moving", os.path.join(folder, "moving.nii.gz"),
+               "--out", out, "--model", model]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(out, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    return seconds, metrics["registered"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ct", default=os.path.join("..", "shared", "data", "ct",
+                                                     "lung-pet-ct-dx-a0001.nii.gz"))
+    parser.add_argument("--spacing", type=float, default=1.5)
+    parser.add_argument("--size", type=int, nargs=3, default=(120, 100, 110))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default=os.path.join("saved_models", "chest_ct"))
+    args = parser.parse_args()
+
+    from tfmlreg.baselines import elastix_register
+
+    image, spacing = lung_box(args.ct, args.spacing, np.asarray(args.size))
+    print(f"pair: {args.ct} at {args.spacing} mm, {image.shape} voxels")
+    register, refinement, elastix = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        pair = write_pair(image, spacing, folder)
+        for run in range(args.repeats):
+            seconds, registered = time_register(folder, args.model, run)
+            register.append(seconds)
+            refinement.append(registered.get("seconds_refinement", float("nan")))
+            result = elastix_register(pair["fixed"], pair["moving"], spacing)
+            elastix.append(result["seconds"])
+            print(f"run {run}: tfmlreg register {seconds:.1f} s (refinement "
+                  f"{refinement[-1]:.1f} s), elastix {result['seconds']:.1f} s", flush=True)
+    ratio = np.median(register) / np.median(elastix)
+    print(f"median: tfmlreg register {np.median(register):.1f} s, refinement "
+          f"{np.median(refinement):.1f} s, elastix {np.median(elastix):.1f} s; ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
