@@ -226,3 +226,12 @@ def test_loss_classes_train_a_tiny_model_one_step():
     history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_displacement_error_is_the_mean_squared_distance_in_mm():
+    truth = np.zeros((2, 4, 4, 4, 3), np.float32)
+    field = truth.copy()
+    field[0, ..., 0] = 3.0
+    field[0, ..., 1] = 4.0  # |u - u_true| = 5 mm everywhere in sample 0
+    field[1, 0] = 2.0  # a quarter of sample 1's voxels off by 2 mm on all three components
+    np.testing.assert_allclose(np.asarray(losses.displacement_error(field, truth)), [25.0, 3.0])

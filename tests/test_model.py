@@ -241,3 +241,21 @@ def test_overfitting_one_phantom_pair_lowers_the_loss_and_the_landmark_error():
     assert coarse[-1] < 0.6 * coarse[0]  # the coarse level does the large motion
     assert fine[-1] < fine[0]  # the fine level refines what is left
     assert landmark_error() < 0.7 * initial
+
+
+def test_gamma_adds_the_supervised_term_only_when_the_data_carry_ground_truth():
+    pair = translated_pair(16, [4.0, 0.0, 0.0])
+    truth = np.zeros((1, 16, 16, 16, 3), np.float32)
+    truth[..., 0] = 4.0
+    model = MultilevelRegistration((16, 16, 16), levels=2, base_filters=4, gamma=0.5)
+    outputs = model(pair)
+    unsupervised = model.loss_terms(pair, outputs)
+    supervised = model.loss_terms({**pair, "displacement": truth}, outputs)
+    assert "supervised" not in unsupervised
+    error = np.mean(np.sum((np.asarray(outputs["displacement_level1"]) - truth) ** 2, axis=-1))
+    np.testing.assert_allclose(np.asarray(supervised["supervised"]), [error], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(supervised["loss"]),
+                               np.asarray(unsupervised["loss"]) + 0.5 * error, rtol=1e-4)
+    assert MultilevelRegistration.from_config(model.get_config()).gamma == 0.5
+    with pytest.raises(ValueError, match="gamma: expected a weight >= 0"):
+        MultilevelRegistration((16, 16, 16), levels=2, gamma=-1.0)

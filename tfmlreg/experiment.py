@@ -159,7 +159,7 @@ MODEL = {
     "convs_per_block": _integer(1),
     "intensity_window": _list(_number(), 2, "[low, high] in HU"),
     "alpha": _number(low=0), "beta": _number(low=0), "epsilon": _number(positive=True),
-    "batchnorm_momentum": _number(low=0, high=1),
+    "gamma": _number(low=0), "batchnorm_momentum": _number(low=0, high=1),
 }
 GEOMETRIC = {  # pipeline.augment_geometry's options
     "flips": _boolean, "permutations": _boolean, "swaps": _boolean, "shift_mm": _number(low=0),
@@ -393,7 +393,8 @@ def dataset(source, output, split, model, training, shuffle):
 
     folder = data_dir(source, output, split)
     options = dict(shape=model.shape, batch_size=training["batch_size"], masks=training["masks"],
-                   shuffle=shuffle, augment=training["augment"] and shuffle)
+                   shuffle=shuffle, augment=training["augment"] and shuffle,
+                   displacement=model.gamma > 0)  # the supervised term needs the ground truth
     scans = source.get("scans") if isinstance(source, dict) else None
     if scans is None and not (shuffle and training.get("geometric")):
         return pipeline.make_dataset(folder, **options)

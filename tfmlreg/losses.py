@@ -151,6 +151,13 @@ def mask_distance(fixed_onehot, warped_onehot):
 # --- the training objective (paper eq. 2) ---------------------------------------------------------
 
 
+def displacement_error(displacement, truth):
+    """Per-sample ``mean_x |u(x) - u_true(x)|²`` (mm²), ``(B,)``: the supervised term, for
+    training data with exact ground truth (synthetic motion)."""
+    squared = ops.sum(ops.square(ops.cast(displacement, "float32") - ops.cast(truth, "float32")), axis=-1)
+    return ops.mean(squared, axis=(1, 2, 3))
+
+
 def registration_loss_terms(
     fixed, warped, displacement, spacing, alpha, beta, epsilon, fixed_onehot=None, warped_onehot=None
 ):

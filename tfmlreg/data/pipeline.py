@@ -8,8 +8,8 @@ by more than 1.5× along an axis, the image is first smoothed there with a Gauss
 ``(factor - 1) / 2`` voxels (the usual anti-aliasing choice), so small vessels do not alias.
 Label maps become one-hot masks of labels ``1..K`` (background excluded) resampled trilinearly.
 
-Training that teaches registration rather than a motion prior (DESIGN.md section 7) draws, per
-element and per epoch (:func:`make_dataset`'s keyword options):
+Training that teaches registration rather than a motion prior (docs/DESIGN.md section 6)
+draws, per element and per epoch (:func:`make_dataset`'s keyword options):
 
 * geometry (:func:`augment_geometry`, NumPy, on one network-grid element): random flips and axis
   permutations, a swap of fixed and moving (the motion reversed), a global shift of the moving
