@@ -494,11 +494,27 @@ def _inverse(field, spacing, iterations, tolerance_mm, coarsest):
                                coarse_spacing, shape)
     else:
         v = -field
-    for _ in range(iterations):
-        v, change = _newton_step(field, v, spacing)
-        if float(change) < tolerance_mm:
+    newton, previous = True, np.inf
+    for step in range(3 * iterations):  # the plain iteration may need more steps than Newton's
+        if newton:
+            candidate, change = _newton_step(field, v, spacing)
+        else:
+            candidate, change = _fixed_point_step(field, v, spacing)
+        change = float(change)
+        if newton and not change < previous:  # diverging (or NaN) on a coarse, strained grid:
+            newton = False  # the plain iteration, a contraction for invertible fields, from here
+            continue
+        v, previous = candidate, change
+        if change < tolerance_mm or (newton and step + 1 >= iterations):
             break
     return v
+
+
+@_xla
+def _fixed_point_step(u, v, spacing):
+    """One step of ``v ← -u(z + v)``, and its largest change."""
+    update = v - _mismatch(u, v, spacing)
+    return update, ops.max(ops.abs(update - v))
 
 
 # --- images, labels, landmarks ----------------------------------------------------------------
@@ -517,6 +533,8 @@ def _moving_from_fixed(anatomy, displacement, residual_limit_mm, mass_conservati
     """``(moving image, moving labels, residual)``: the fixed CT and labels pulled back by ``y⁻¹``."""
     spacing = anatomy.spacing
     inverse, residual = invert_displacement(displacement, spacing)
+    if not np.all(np.isfinite(inverse)):
+        raise ValueError("displacement: the inverse did not converge (non-finite values)")
     points = _grid(anatomy.image.shape, spacing) + inverse
     moving = _sample(anatomy.image, points, spacing)  # beyond the FOV: the border continues
     moving_labels = metrics.warp_labels(anatomy.labels, inverse, spacing).astype(np.int16)
@@ -614,9 +632,16 @@ class RandomMotion:
                 "noise_hu": self.noise_hu}
 
 
-def random_pair(anatomy, rng, motion=RandomMotion()):
-    """A new random pair of the scan (:func:`synthesize`'s ``(pair, info)``), motion from ``motion``."""
-    return synthesize(anatomy, rng, **motion.draw(rng))
+def random_pair(anatomy, rng, motion=RandomMotion(), attempts=5):
+    """A new random pair of the scan (:func:`synthesize`'s ``(pair, info)``), motion from ``motion``;
+    a draw whose inverse does not converge (rare: large motion on a coarse grid) is drawn again."""
+    for attempt in range(attempts):
+        try:
+            return synthesize(anatomy, rng, **motion.draw(rng))
+        except ValueError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_landmarks=300,
