@@ -66,7 +66,9 @@ class MultilevelRegistration(keras.Model):
                  name=f"unet_level{level}")
             for level in range(1, self.levels + 1)
         ]
-        self.trackers = {term: keras.metrics.Mean(name=term) for term in LOSS_TERMS}
+        # the supervised term is logged only by models that use it
+        self.trackers = {term: keras.metrics.Mean(name=term) for term in LOSS_TERMS
+                         if term != "supervised" or self.gamma > 0.0}
         # A fresh model trains all levels jointly (end to end, loss on the active level);
         # fit_progressive freezes the coarser levels stage by stage, as the paper does.
         self.active_level = self._check_level(active_level)
