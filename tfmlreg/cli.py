@@ -55,7 +55,7 @@ DEBUG_VARIABLE = "TFMLREG_DEBUG"
 REPORT_AT = "the tfmlreg issue tracker, with the command line and the --debug output"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.environ.get(
-    "TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "chest_ct"))
+    "TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
 
 _show_tensorflow_logs = False  # set by main() from --debug
 
@@ -291,7 +291,7 @@ def build_parser():
             tfmlreg demo
             tfmlreg register --fixed exhale.nii.gz --moving inhale.nii.gz --out result/
             tfmlreg train training/demo.json
-            tfmlreg evaluate --model saved_models/chest_ct --data phantoms/ --out eval/
+            tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/
         """) + "\n\nexit codes: 0 done, 2 bad input, 1 failure or internal error, 130 interrupted",
     )
     parser.add_argument("--debug", action="store_true",
@@ -354,7 +354,7 @@ def build_parser():
     train.set_defaults(interrupted="interrupted; rerun the same command to resume")
 
     evaluate = command("evaluate", cmd_evaluate, "evaluate a model on a folder of pairs at full resolution",
-                       "tfmlreg evaluate --model saved_models/chest_ct --data phantoms/ --out eval/")
+                       "tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     evaluate.add_argument("--data", required=True, help="folder of pairs (see tfmlreg.data.io)")
     evaluate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
