@@ -54,8 +54,7 @@ EXIT_TERMINATED = 143
 DEBUG_VARIABLE = "TFMLREG_DEBUG"
 REPORT_AT = "the tfmlreg issue tracker, with the command line and the --debug output"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.environ.get(
-    "TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
+DEFAULT_MODEL = os.environ.get("TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
 
 _show_tensorflow_logs = False  # set by main() from --debug
 

@@ -150,7 +150,7 @@ PHANTOM = {
     "amplitude_mm": _number(low=0),
 }
 SCANS = {
-    "files": lambda value: _list_of_texts(value), "spacing_mm": _number(positive=True),
+    "files": _list_of_texts, "spacing_mm": _number(positive=True),
     "crop_body_mm": _optional(_number(low=0)), "draws_per_epoch": _integer(1),
 }
 SOURCE = {"phantom": PHANTOM, "dir": _text, "scans": SCANS}  # or a folder of pairs, as a string
@@ -387,24 +387,20 @@ def _scan_items(spec):
 
 
 def dataset(source, output, split, model, training, shuffle):
-    """The split's ``tf.data`` pipeline. Stored pairs and phantoms alone (no geometric
-    augmentation, no scans) take the cached path; anything else makes elements per draw."""
+    """The split's ``tf.data`` pipeline: its pairs (a folder, or phantoms) and scans; the geometric
+    augmentation for training only (``make_dataset`` caches pairs that need no per-draw work)."""
     from tfmlreg.data import synthetic
 
     folder = data_dir(source, output, split)
-    options = dict(shape=model.shape, batch_size=training["batch_size"], masks=training["masks"],
-                   shuffle=shuffle, augment=training["augment"] and shuffle,
-                   displacement=model.gamma > 0)  # the supervised term needs the ground truth
     scans = source.get("scans") if isinstance(source, dict) else None
-    if scans is None and not (shuffle and training.get("geometric")):
-        return pipeline.make_dataset(folder, **options)
     items = [io.load_pair(case) for case in io.list_pairs(folder)] if folder else []
     items += _scan_items(scans) if scans else []
-    motion = synthetic.RandomMotion(**{key: tuple(value) if isinstance(value, list) else value
-                                       for key, value in training.get("motion", {}).items()})
-    geometric = training.get("geometric", {}) if shuffle else {}
-    return pipeline.make_dataset(items, **options, **geometric, motion=motion,
-                                 seed=0 if shuffle else 1, repeat=False)
+    return pipeline.make_dataset(
+        items, shape=model.shape, batch_size=training["batch_size"], masks=training["masks"],
+        shuffle=shuffle, augment=training["augment"] and shuffle,
+        displacement=model.gamma > 0,  # the supervised term needs the ground truth
+        motion=synthetic.RandomMotion(**training.get("motion", {})),
+        **(training.get("geometric", {}) if shuffle else {}))
 
 
 # --- the run ------------------------------------------------------------------------------------

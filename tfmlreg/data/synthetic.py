@@ -635,13 +635,12 @@ class RandomMotion:
 def random_pair(anatomy, rng, motion=RandomMotion(), attempts=5):
     """A new random pair of the scan (:func:`synthesize`'s ``(pair, info)``), motion from ``motion``;
     a draw whose inverse does not converge (rare: large motion on a coarse grid) is drawn again."""
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             return synthesize(anatomy, rng, **motion.draw(rng))
         except ValueError:
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return synthesize(anatomy, rng, **motion.draw(rng))
 
 
 def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_landmarks=300,
