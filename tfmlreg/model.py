@@ -12,17 +12,25 @@ Training happens one level at a time (``active_level``): the finer levels are no
 coarser ones are frozen, and the loss of eq. 2 is taken on the active level's grid, on the total
 displacement of that level (as in conventional multilevel schemes the regulariser acts on the
 whole deformation ``y``, not only the level's increment).
+
+The geometry steps (warp, compose, prolongation) are the XLA-compiled ones of
+:mod:`tfmlreg.layers` on the TensorFlow backend; the U-Nets run on oneDNN. For inference and
+export, :meth:`MultilevelRegistration.for_inference` gives a copy with the batch normalisation
+folded into the convolutions and the networks in a chosen precision (geometry stays float32).
 """
 
 import keras
 from keras import ops
 
-from tfmlreg import geometry, losses
+from tfmlreg import geometry, layers, losses
 from tfmlreg.layers import IntensityWindow, serializable
-from tfmlreg.networks import BATCHNORM_MOMENTUM, required_divisor, unet
+from tfmlreg.networks import BATCHNORM_MOMENTUM, fold_batchnorm, required_divisor, unet
 
 DEFAULT_WINDOW = (-1000.0, 200.0)  # HU: air to soft tissue, so lungs and vessels use the range
 LOSS_TERMS = ("ngf", "curvature", "mask", "supervised")
+# network precision -> the U-Nets' Keras dtype policy (None: the global policy)
+PRECISIONS = {None: None, "float32": "float32", "bfloat16": "mixed_bfloat16",
+              "float16": "mixed_float16"}
 
 
 @serializable
@@ -43,12 +51,20 @@ class MultilevelRegistration(keras.Model):
     ``"displacement"`` (synthetic pairs and phantoms do): the paper's loss is unsupervised
     (``gamma=0``, the default); with exact ground truth the supervised term teaches registration
     in far fewer steps (as RegNet trains on synthetic motion), and NGF keeps the images aligned.
+
+    ``precision`` (None: the global policy, or ``"float32"``, ``"bfloat16"``, ``"float16"``) is
+    the U-Nets' compute precision; ``batchnorm=False`` builds them without normalisation layers
+    (the folded inference topology, made by :meth:`for_inference`, not for training).
     """
 
     def __init__(self, shape, levels=3, base_filters=16, depth=3, convs_per_block=2,
                  intensity_window=DEFAULT_WINDOW, alpha=1.0, beta=1.0, epsilon=0.01, gamma=0.0,
-                 batchnorm_momentum=BATCHNORM_MOMENTUM, active_level=1, **kwargs):
+                 batchnorm_momentum=BATCHNORM_MOMENTUM, active_level=1, precision=None,
+                 batchnorm=True, **kwargs):
         super().__init__(**kwargs)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of float32, bfloat16, float16, got {precision!r}")
+        self.precision, self.batchnorm = precision, bool(batchnorm)
         self.shape = geometry.check_divisible(
             shape, 2 ** (levels - 1) * required_divisor(depth), "shape"
         )
@@ -63,7 +79,8 @@ class MultilevelRegistration(keras.Model):
         self.nets = [
             unet(geometry.level_shape(self.shape, level) + (2,), base_filters, depth,
                  convs_per_block, batchnorm_momentum=self.batchnorm_momentum,
-                 name=f"unet_level{level}")
+                 name=f"unet_level{level}", batchnorm=self.batchnorm,
+                 dtype=PRECISIONS[precision])
             for level in range(1, self.levels + 1)
         ]
         # the supervised term is logged only by models that use it
@@ -94,6 +111,25 @@ class MultilevelRegistration(keras.Model):
     def level_spacing(self, spacing, level):
         return spacing * float(2 ** (level - 1))
 
+    # --- inference ----------------------------------------------------------------------------
+
+    def for_inference(self, precision="float32"):
+        """A copy for inference and export: batch normalisation folded into the convolutions
+        (the same output to float32 rounding), the U-Nets in ``precision``; see
+        :meth:`load_folded`."""
+        config = {**self.get_config(), "precision": precision, "batchnorm": False}
+        config.pop("name", None)
+        copy = MultilevelRegistration(**config)
+        return copy.load_folded(self)
+
+    def load_folded(self, source):
+        """Set this folded copy's weights from ``source`` (a model with batch normalisation)."""
+        if self.batchnorm or not source.batchnorm:
+            raise ValueError("source: expected a model with batch normalisation, self a folded copy")
+        for mine, theirs in zip(self.nets, source.nets):
+            fold_batchnorm(theirs, mine)
+        return self
+
     # --- forward ------------------------------------------------------------------------------
 
     def call(self, inputs, training=None):
@@ -106,11 +142,11 @@ class MultilevelRegistration(keras.Model):
         for level in range(self.levels, self.active_level - 1, -1):
             total = self._refine(level, total, fixed_levels, moving_levels, spacing, training)
             outputs[f"displacement_level{level}"] = total
-        displacement = geometry.resample_displacement(
+        displacement = layers.resample_displacement(
             total, self.level_spacing(spacing, self.active_level), self.shape
         )
         outputs["displacement"] = displacement
-        outputs["warped"] = geometry.warp(moving, displacement, spacing, self.normalise.window[0])
+        outputs["warped"] = layers.warp(moving, displacement, spacing, self.normalise.window[0])
         return outputs
 
     def _refine(self, level, coarse_total, fixed_levels, moving_levels, spacing, training):
@@ -119,16 +155,16 @@ class MultilevelRegistration(keras.Model):
         level_dims = geometry.level_shape(self.shape, level)
         moving = moving_levels[level - 1]
         if coarse_total is not None:
-            coarse_total = geometry.resample_displacement(
+            coarse_total = layers.resample_displacement(
                 coarse_total, self.level_spacing(spacing, level + 1), level_dims
             )
-            moving = geometry.warp(moving, coarse_total, level_spacing)
+            moving = layers.warp(moving, coarse_total, level_spacing)
         pair = ops.concatenate([moving, fixed_levels[level - 1]], axis=-1)
         increment = ops.cast(self.net(level)(pair, training=training), "float32")
         increment = increment * level_spacing[:, None, None, None, :]
         if coarse_total is None:
             return increment
-        return geometry.compose(coarse_total, increment, level_spacing)
+        return layers.compose(coarse_total, increment, level_spacing)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -151,11 +187,11 @@ class MultilevelRegistration(keras.Model):
         )
         total = outputs[f"displacement_level{level}"]
         fixed = self._at_level(self.normalise(inputs["fixed"]), level)
-        warped = geometry.warp(self._at_level(self.normalise(inputs["moving"]), level), total, spacing)
+        warped = layers.warp(self._at_level(self.normalise(inputs["moving"]), level), total, spacing)
         masks = {}
         if "fixed_mask" in inputs and "moving_mask" in inputs:
             masks["fixed_onehot"] = self._at_level(inputs["fixed_mask"], level)
-            masks["warped_onehot"] = geometry.warp(
+            masks["warped_onehot"] = layers.warp(
                 self._at_level(inputs["moving_mask"], level), total, spacing
             )
         terms = losses.registration_loss_terms(
@@ -180,4 +216,5 @@ class MultilevelRegistration(keras.Model):
             "batchnorm_momentum": self.batchnorm_momentum,
             "intensity_window": self.normalise.window, "alpha": self.alpha, "beta": self.beta,
             "epsilon": self.epsilon, "gamma": self.gamma, "active_level": self.active_level,
+            "precision": self.precision, "batchnorm": self.batchnorm,
         }
