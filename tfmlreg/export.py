@@ -9,14 +9,24 @@ Whatever the model computes inside, the exported interface is fixed (signature `
 The model's other outputs (per-level displacements) are training aids and are not exported.
 Any Keras model with that dict interface can be exported; its grid comes from ``model.shape``
 (as on :class:`~tfmlreg.model.MultilevelRegistration`) or the ``shape`` argument.
+
+What is exported is the inference form (:func:`inference_form`): batch normalisation folded into
+the convolutions, float32 (portable to any CPU and to ONNX runtimes). The SavedModel keeps the
+geometry XLA-compiled inside the graph (TensorFlow Serving on CPU runs it only with
+``--xla_cpu_compilation_enabled=true``; :func:`export_saved_model` with ``compiled_geometry=False``
+writes plain ops instead); the ONNX export inlines it as plain ops, because tf2onnx does not
+convert XLA-compiled functions.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
 
 import numpy as np
 import tensorflow as tf
+
+from tfmlreg.layers import plain_geometry
 
 SIGNATURE = "serving_default"
 REFINED_SIGNATURE = "register_refined"  # the network, then refinement steps in-graph
@@ -33,6 +43,14 @@ TF_TRT_MISSING = (
 
 
 # --- the serving interface --------------------------------------------------------------------
+
+
+def inference_form(model):
+    """``model`` with batch normalisation folded, in float32, when it can make one
+    (:meth:`~tfmlreg.model.MultilevelRegistration.for_inference`); otherwise ``model`` itself."""
+    if getattr(model, "batchnorm", False) and hasattr(model, "for_inference"):
+        return model.for_inference("float32")
+    return model
 
 
 def model_grid(model, shape=None):
@@ -148,7 +166,8 @@ def _shape_check(tensor, spec):
 # --- SavedModel for TF Serving ----------------------------------------------------------------
 
 
-def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None, refine="default"):
+def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None, refine="default",
+                       compiled_geometry=True):
     """Write ``out_dir/<version>/`` (``saved_model.pb``, ``variables/``, ``assets.extra/``).
 
     Signatures: ``serving_default`` (the network alone) and, unless ``refine`` is None,
@@ -160,9 +179,11 @@ def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None,
     number of synthetic warm-up requests (batch 1, see :func:`synthetic_pair`), or a sequence of
     input dicts to use instead, or 0 / None for none. An existing version is never overwritten;
     the version appears complete or not at all (written to a temporary sibling, then renamed,
-    which TF Serving ignores because its name is not a number). Returns the version directory.
+    which TF Serving ignores because its name is not a number). ``compiled_geometry=False``
+    traces the geometry as plain ops (for servers without XLA). Returns the version directory.
     """
     grid = model_grid(model, shape)
+    model = inference_form(model)
     refine = _refine_config(refine)
     target = _version_dir(out_dir, version)
     os.makedirs(out_dir, exist_ok=True)
@@ -170,7 +191,8 @@ def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None,
     staging = tempfile.mkdtemp(prefix=f".{version}.partial-", dir=out_dir)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; a server running as another user reads it
     try:
-        _write_archive(model, grid, staging, refine)
+        with contextlib.nullcontext() if compiled_geometry else plain_geometry():
+            _write_archive(model, grid, staging, refine)
         if requests:
             signatures = SIGNATURES if refine is not None else (SIGNATURE,)
             write_warmup_requests(os.path.join(staging, WARMUP_FILE), requests,
@@ -310,11 +332,15 @@ def export_onnx(model, out_path, opset=17, shape=None):
     Inputs and outputs keep their names (``fixed``, ``moving``, ``spacing`` -> ``displacement``,
     ``warped``) and a dynamic batch axis, ready for ``trtexec --onnx`` or ONNX Runtime. The
     in-graph input checks are not converted (tf2onnx drops ``Assert``); ONNX runtimes check
-    shapes against the declared inputs themselves. Returns ``out_path``, written whole or not at
-    all.
+    shapes against the declared inputs themselves. tf2onnx does not convert XLA-compiled
+    functions (the geometry, see :mod:`tfmlreg.layers`): they are inlined as plain ops in the
+    frozen graph first (:func:`_frozen_without_xla`). Returns ``out_path``, written whole or not
+    at all.
     """
     import tf2onnx
 
+    if not isinstance(model, (str, os.PathLike)):
+        model = inference_form(model)
     function, grid = _inference_function(model, shape)
     specs = input_signature(grid)
 
@@ -322,18 +348,36 @@ def export_onnx(model, out_path, opset=17, shape=None):
         return function({"fixed": fixed, "moving": moving, "spacing": spacing})
 
     traced = tf.function(serve, input_signature=[specs[name] for name in INPUTS], autograph=False)
+    concrete = traced.get_concrete_function()
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs if t.dtype != tf.resource]
+    names = tf2onnx.convert.tensor_names_from_structed(concrete, inputs, outputs)
     out_path = os.fspath(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     partial = out_path + ".partial"
     try:
-        tf2onnx.convert.from_function(
-            traced, input_signature=traced.input_signature, opset=opset, output_path=partial
+        tf2onnx.convert.from_graph_def(
+            _frozen_without_xla(concrete, inputs, outputs), input_names=inputs,
+            output_names=outputs, opset=opset, tensors_to_rename=names, output_path=partial,
         )
         os.replace(partial, out_path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return out_path
+
+
+def _frozen_without_xla(concrete, inputs, outputs):
+    """The frozen GraphDef of ``concrete`` (tf2onnx's freezing) with the XLA marks removed from
+    its functions and calls, so that tf2onnx's graph optimisation inlines them as plain ops."""
+    from tf2onnx import tf_loader
+
+    frozen = tf_loader.from_function(concrete, inputs, outputs)
+    for attrs in [f.attr for f in frozen.library.function] + [n.attr for n in frozen.node]:
+        for key in ("_XlaMustCompile", "_noinline"):
+            if key in attrs:
+                del attrs[key]
+    return frozen
 
 
 def _inference_function(model, shape=None):
