@@ -122,7 +122,7 @@ def cmd_register(args):
     with output.staged(args.out, args.overwrite) as staging:
         workflows = _load("tfmlreg.workflows")
         pair = workflows.load_files(args)  # every input checked before any model work
-        predictor = workflows.predictor_for(args.model, args.server, args.shape)
+        predictor = workflows.predictor_for(args.model, args.server, args.shape, args.precision)
         summary = workflows.register_and_write(predictor, pair, staging, _refine_config(args),
                                                progress=sys.stderr.isatty())
     print(json.dumps(summary, indent=2))
@@ -145,6 +145,14 @@ def _refine_config(args):
         return refinement.RefineConfig(**settings)
     except ValueError as error:
         raise UsageError(f"--refine options: {error}") from None
+
+
+def add_precision_option(parser):
+    parser.add_argument(
+        "--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        help="the network's precision (default auto: bfloat16 on CPUs with native bfloat16, "
+             "float16 on GPUs, else float32; geometry stays float32; a SavedModel runs its "
+             "model.keras for a reduced precision)")
 
 
 def add_refine_options(parser):
@@ -170,7 +178,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     with output.staged(args.out, args.overwrite) as staging:
         workflows = _load("tfmlreg.workflows")
-        predictor = workflows.predictor_for(args.model)
+        predictor = workflows.predictor_for(args.model, precision=args.precision)
         report, failures = workflows.evaluate_folder(predictor, args.data, staging,
                                                      figures=not args.no_figures,
                                                      refine=_refine_config(args))
@@ -340,6 +348,7 @@ def build_parser():
     register.add_argument("--moving-labels", help="moving label map (NIfTI)")
     register.add_argument("--fixed-landmarks", help="fixed landmarks (DIR-LAB txt: 1-based voxel x y z)")
     register.add_argument("--moving-landmarks", help="moving landmarks (DIR-LAB txt)")
+    add_precision_option(register)
     add_refine_options(register)
 
     train = command("train", cmd_train,
@@ -359,6 +368,7 @@ def build_parser():
     evaluate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.add_argument("--no-figures", action="store_true", help="skip the overlay figures")
+    add_precision_option(evaluate)
     add_refine_options(evaluate)
 
     phantom = command("phantom", cmd_phantom, "write synthetic breathing-lung phantom pairs",

@@ -9,6 +9,12 @@ A predictor is any callable ``(fixed, moving, spacing) -> {"displacement", "warp
 NumPy arrays at the model grid, with a ``shape`` attribute: :func:`load_predictor` makes one from
 a SavedModel (the exported, versioned layout) or a ``.keras`` file; :class:`RemotePredictor` from
 a TF Serving address.
+
+Precision: local Keras models run in the inference form (batch normalisation folded) with the
+U-Nets in ``precision`` (:func:`resolve_precision`; ``"auto"``: bfloat16 on CPUs with native
+bfloat16, float16 on GPUs, else float32); geometry and outputs stay float32. An exported
+SavedModel is float32 as written, so a reduced precision runs the ``model.keras`` shipped beside
+its versions (``NAME/model.keras``) when there is one.
 """
 
 import os
@@ -24,8 +30,40 @@ from tfmlreg.data.io import DataError
 from tfmlreg.export import SIGNATURE
 
 
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
+CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: native bfloat16 arithmetic
+
+
+def native_precision():
+    """The fastest precision this machine runs natively: float16 with a GPU, bfloat16 on a CPU
+    with AVX-512 BF16 or AMX, else float32."""
+    if tf.config.list_physical_devices("GPU"):
+        return "float16"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = {flag for line in cpuinfo if line.startswith("flags")
+                     for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags.intersection(CPU_BFLOAT16_FLAGS) else "float32"
+
+
+def resolve_precision(precision="auto"):
+    """``precision`` checked, with ``"auto"`` replaced by :func:`native_precision`."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if precision == "auto":
+        return native_precision()
+    if precision == "float16" and not tf.config.list_physical_devices("GPU"):
+        raise ValueError("precision: float16 needs a GPU (TensorFlow's CPU AvgPool3D has no "
+                         "float16 kernel); use bfloat16 or float32")
+    return precision
+
+
 class SavedModelPredictor:
     """The ``serving_default`` signature of an exported SavedModel (what TF Serving runs)."""
+
+    precision = "float32"  # as exported
 
     def __init__(self, path):
         self.path = path
@@ -41,17 +79,31 @@ class SavedModelPredictor:
 
 
 class KerasPredictor:
-    """A ``.keras`` :class:`~tfmlreg.model.MultilevelRegistration`, compiled once per shape."""
+    """A ``.keras`` :class:`~tfmlreg.model.MultilevelRegistration`, traced once per shape, run
+    in its inference form in ``precision`` (see :func:`resolve_precision`).
 
-    def __init__(self, path_or_model):
+    Given a model object, the folded copy takes the model's current weights at every call (the
+    caller may go on training it)."""
+
+    def __init__(self, path_or_model, precision="auto"):
         model = path_or_model
         if isinstance(path_or_model, (str, os.PathLike)):
             self.path = os.fspath(path_or_model)
             model = keras.saving.load_model(self.path)
         self.model, self.shape = model, tuple(model.shape)
-        self._predict = tf.function(lambda inputs: model(inputs, training=False))
+        self.precision = resolve_precision(precision)
+        self._follow = not isinstance(path_or_model, (str, os.PathLike))
+        self.inference = model
+        if getattr(model, "batchnorm", False) and hasattr(model, "for_inference"):
+            self.inference = model.for_inference(self.precision)
+        else:
+            self._follow = False
+        inference = self.inference
+        self._predict = tf.function(lambda inputs: inference(inputs, training=False))
 
     def __call__(self, fixed, moving, spacing):
+        if self._follow:
+            self.inference.load_folded(self.model)
         outputs = self._predict({"fixed": fixed, "moving": moving, "spacing": spacing})
         return {name: outputs[name].numpy() for name in ("displacement", "warped")}
 
@@ -69,16 +121,29 @@ class RemotePredictor:
         return self.client.register(fixed, moving, spacing)
 
 
-def load_predictor(path):
+def load_predictor(path, precision="auto"):
     """A predictor from a ``.keras`` file, a SavedModel folder, or a versioned model root
-    (``NAME/`` holding ``1/``, ``2/``...: the highest version is taken, as TF Serving does)."""
+    (``NAME/`` holding ``1/``, ``2/``...: the highest version is taken, as TF Serving does).
+
+    A SavedModel runs in float32 as exported; with a reduced ``precision`` (``"auto"`` on a
+    machine that has one) the root's ``model.keras`` runs instead when it is there. An explicit
+    reduced precision without one is an error; ``"auto"`` falls back to the SavedModel."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such model file or folder")
+    wanted = resolve_precision(precision)
     if os.path.isfile(path):
         if not str(path).endswith(".keras"):
             raise DataError(f"{path}: expected a .keras file or a SavedModel folder")
-        return KerasPredictor(path)
-    return SavedModelPredictor(_latest_version(path))
+        return KerasPredictor(path, wanted)
+    version = _latest_version(path)
+    beside = os.path.join(path, "model.keras")
+    if wanted != "float32":
+        if version != path and os.path.isfile(beside):
+            return KerasPredictor(beside, wanted)
+        if precision != "auto":
+            raise DataError(f"{path}: precision {precision}: a SavedModel runs in float32 as "
+                            "exported and there is no model.keras beside its versions")
+    return SavedModelPredictor(version)
 
 
 def _latest_version(path):

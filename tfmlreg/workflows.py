@@ -44,16 +44,17 @@ def _loading(path):
 NO_MODEL = "none"  # --model none: refinement alone, from zero
 
 
-def predictor_for(model_path, server=None, shape=None):
-    """A local predictor from ``model_path``, a remote one when ``server`` is given, or None for
-    ``model_path="none"`` (no network: the refinement starts from zero)."""
+def predictor_for(model_path, server=None, shape=None, precision="auto"):
+    """A local predictor from ``model_path`` (its network in ``precision``, see
+    :func:`tfmlreg.inference.resolve_precision`), a remote one when ``server`` is given, or None
+    for ``model_path="none"`` (no network: the refinement starts from zero)."""
     if server is None and str(model_path).lower() == NO_MODEL:
         return None
     if server is None:
         if str(model_path).endswith(".keras") and os.path.isfile(model_path):
             _check_zip(model_path)
         with _loading(model_path):
-            return load_predictor(model_path)
+            return load_predictor(model_path, precision)
     if shape is None:
         raise DataError("--shape: the model grid is needed with --server (e.g. --shape 160 160 160)")
     return RemotePredictor(server, shape)
