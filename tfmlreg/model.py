@@ -61,6 +61,7 @@ class MultilevelRegistration(keras.Model):
                  intensity_window=DEFAULT_WINDOW, alpha=1.0, beta=1.0, epsilon=0.01, gamma=0.0,
                  batchnorm_momentum=BATCHNORM_MOMENTUM, active_level=1, precision=None,
                  batchnorm=True, **kwargs):
+        trainable_levels = kwargs.pop("trainable_levels", None)  # as get_config saved them
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of float32, bfloat16, float16, got {precision!r}")
@@ -89,6 +90,9 @@ class MultilevelRegistration(keras.Model):
         # A fresh model trains all levels jointly (end to end, loss on the active level);
         # fit_progressive freezes the coarser levels stage by stage, as the paper does.
         self.active_level = self._check_level(active_level)
+        if trainable_levels is not None:  # so a loaded optimizer's state matches what it trains
+            for index, net in enumerate(self.nets, start=1):
+                net.trainable = index in trainable_levels
         self.built = True
 
     # --- levels -------------------------------------------------------------------------------
@@ -131,6 +135,16 @@ class MultilevelRegistration(keras.Model):
         return self
 
     # --- forward ------------------------------------------------------------------------------
+
+    def __call__(self, inputs, *args, **kwargs):
+        # before Keras' call machinery, so a wrong structure is one line, not a KeyError inside
+        if not (isinstance(inputs, dict) and {"fixed", "moving", "spacing"} <= set(inputs)):
+            got = (f"a dict with keys {sorted(inputs)}" if isinstance(inputs, dict) else
+                   f"a {type(inputs).__name__} of {len(inputs)} items"
+                   if isinstance(inputs, (list, tuple)) else "a single array")
+            raise ValueError("inputs: expected a dict {'fixed': ..., 'moving': ..., 'spacing': "
+                             "...} (plus optional masks), got " + got)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None):
         fixed, moving = inputs["fixed"], inputs["moving"]
@@ -216,5 +230,6 @@ class MultilevelRegistration(keras.Model):
             "batchnorm_momentum": self.batchnorm_momentum,
             "intensity_window": self.normalise.window, "alpha": self.alpha, "beta": self.beta,
             "epsilon": self.epsilon, "gamma": self.gamma, "active_level": self.active_level,
+            "trainable_levels": [i for i, net in enumerate(self.nets, start=1) if net.trainable],
             "precision": self.precision, "batchnorm": self.batchnorm,
         }

@@ -13,6 +13,17 @@ the unfinished one after its last completed epoch. Every file is written whole (
 then an atomic rename) and a record is written only after what it names, so a kill leaves either
 the old or the new state, never a torn one. :class:`StageCSVLogger` keeps one log of all stages
 that a resumed epoch replaces rather than repeats.
+
+Keras' own callbacks are reused across the stages' ``fit`` calls and behave per stage (losses of
+different levels are on different grids and are not comparable): ``ModelCheckpoint`` compares
+within a stage (its ``best`` starts afresh each stage; with ``save_best_only`` one file path ends
+up holding the finest stage's best epoch, and a path with ``{level}`` keeps one file per stage);
+``EarlyStopping`` stops and, with ``restore_best_weights``, restores within the stage (Keras
+resets it at each ``fit``); ``CSVLogger`` writes one file for the run, a row per stage and epoch
+with the stage's ``level`` (appending from the second stage on; a resumed run appends only with
+``append=True``, :class:`StageCSVLogger` is the resumable log); ``TensorBoard`` writes each stage
+under ``log_dir/level{l}/``. ``BackupAndRestore`` cannot span stages (``checkpoint_dir`` does its
+job) and is refused.
 """
 
 import csv
@@ -47,31 +58,72 @@ def fit_progressive(model, train_data, epochs_per_level, init="pretrained", vali
     _remove_partial_files(checkpoint_dir)
     if isinstance(train_data, tf.data.Dataset):
         fit_kwargs.setdefault("shuffle", False)  # a Dataset shuffles itself; Keras warns otherwise
+    callbacks = list(callbacks or [])
+    stages = _PerStage(callbacks)
     histories = {}
-    for level, level_epochs in zip(range(model.levels, 0, -1), epochs):
-        model.set_active_level(level)
-        if level in done:
-            model.load_weights(_checkpoint(checkpoint_dir, level))
-            continue
-        backup = StageBackup(checkpoint_dir, level) if checkpoint_dir is not None else None
-        if level < model.levels:
-            _initialise(model, level, init)
-        model.compile(optimizer=make_optimizer(), jit_compile=jit_compile)
-        initial_epoch = backup.restore(model) if backup else 0
-        if initial_epoch and verbose:
-            print(f"level {level}: resuming after epoch {initial_epoch} of {level_epochs}")
-        # the backup comes last: a log row is written before the state that makes it final
-        stage_callbacks = [LevelInLogs(), *(callbacks or []), *([backup] if backup else [])]
-        histories[level] = model.fit(
-            train_data, epochs=level_epochs, initial_epoch=initial_epoch,
-            validation_data=validation_data, callbacks=stage_callbacks, verbose=verbose,
-            **fit_kwargs,
-        )
-        recalibrate_batchnorm(model, train_data)
-        _save_stage(model, checkpoint_dir, level, done)
-        if backup:
-            backup.remove()  # only now: until the stage is recorded, the backup is its state
+    try:
+        for level, level_epochs in zip(range(model.levels, 0, -1), epochs):
+            model.set_active_level(level)
+            if level in done:
+                model.load_weights(_checkpoint(checkpoint_dir, level))
+                continue
+            stages.start(level)
+            backup = StageBackup(checkpoint_dir, level) if checkpoint_dir is not None else None
+            if level < model.levels:
+                _initialise(model, level, init)
+            model.compile(optimizer=make_optimizer(), jit_compile=jit_compile)
+            initial_epoch = backup.restore(model) if backup else 0
+            if initial_epoch and verbose:
+                print(f"level {level}: resuming after epoch {initial_epoch} of {level_epochs}")
+            # the backup comes last: a log row is written before the state that makes it final
+            stage_callbacks = [LevelInLogs(), *callbacks, *([backup] if backup else [])]
+            histories[level] = model.fit(
+                train_data, epochs=level_epochs, initial_epoch=initial_epoch,
+                validation_data=validation_data, callbacks=stage_callbacks, verbose=verbose,
+                **fit_kwargs,
+            )
+            recalibrate_batchnorm(model, train_data)
+            _save_stage(model, checkpoint_dir, level, done)
+            if backup:
+                backup.remove()  # only now: until the stage is recorded, the backup is its state
+    finally:
+        stages.restore()
     return histories
+
+
+class _PerStage:
+    """Makes Keras' callbacks, reused by every stage's ``fit``, behave per stage (module
+    docstring); :meth:`restore` gives them back their own settings after the run."""
+
+    def __init__(self, callbacks):
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.BackupAndRestore):
+                raise ValueError("callbacks: BackupAndRestore cannot span fit_progressive's stages "
+                                 "(its epoch would apply to the next stage); pass checkpoint_dir")
+        self.callbacks, self.started = callbacks, False
+        # a ModelCheckpoint's best so far is its initial_value_threshold until it first saves
+        self.settings = {id(c): {"best": getattr(c, "best", None),
+                                 "append": getattr(c, "append", None),
+                                 "log_dir": getattr(c, "log_dir", None)} for c in callbacks}
+
+    def start(self, level):
+        for callback in self.callbacks:
+            own = self.settings[id(callback)]
+            if isinstance(callback, keras.callbacks.ModelCheckpoint):
+                callback.best = own["best"]
+            elif isinstance(callback, keras.callbacks.CSVLogger) and self.started:
+                callback.append = True
+            elif isinstance(callback, keras.callbacks.TensorBoard):
+                callback.log_dir = os.path.join(own["log_dir"], f"level{level}")
+        self.started = True
+
+    def restore(self):
+        for callback in self.callbacks:
+            own = self.settings[id(callback)]
+            if isinstance(callback, keras.callbacks.CSVLogger):
+                callback.append = own["append"]
+            elif isinstance(callback, keras.callbacks.TensorBoard):
+                callback.log_dir = own["log_dir"]
 
 
 def recalibrate_batchnorm(model, data, batches=32):
