@@ -31,7 +31,8 @@ from tfmlreg.export import SIGNATURE
 
 
 PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
-CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: native bfloat16 arithmetic
+CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 arithmetic
+CPUINFO = "/proc/cpuinfo"
 
 
 def native_precision():
@@ -40,7 +41,7 @@ def native_precision():
     if tf.config.list_physical_devices("GPU"):
         return "float16"
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
+        with open(CPUINFO) as cpuinfo:
             flags = {flag for line in cpuinfo if line.startswith("flags")
                      for flag in line.split(":", 1)[1].split()}
     except OSError:
@@ -51,11 +52,11 @@ def native_precision():
 def resolve_precision(precision="auto"):
     """``precision`` checked, with ``"auto"`` replaced by :func:`native_precision`."""
     if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+        raise DataError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if precision == "auto":
         return native_precision()
     if precision == "float16" and not tf.config.list_physical_devices("GPU"):
-        raise ValueError("precision: float16 needs a GPU (TensorFlow's CPU AvgPool3D has no "
+        raise DataError("precision: float16 needs a GPU (TensorFlow's CPU AvgPool3D has no "
                          "float16 kernel); use bfloat16 or float32")
     return precision
 

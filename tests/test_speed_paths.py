@@ -1,0 +1,164 @@
+"""The fast inference paths (issue 14): XLA-compiled geometry inside the graph, batch
+normalisation folded into the convolutions, bfloat16 networks; each gives the plain path's
+result, and the precision is chosen as documented."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import random_inputs
+from tfmlreg import inference, layers
+from tfmlreg.data.io import DataError
+from tfmlreg.export import export_saved_model
+from tfmlreg.model import MultilevelRegistration
+
+SHAPE = (16, 16, 16)
+
+
+def trained_looking_model(seed=0, **config):
+    """A small model whose batch norms have non-trivial statistics and whose flow heads move
+    voxels by a few mm (fresh ones are the identity and make every comparison pass)."""
+    model = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2, **config)
+    rng = np.random.default_rng(seed)
+    values = {"gamma": lambda s: rng.uniform(0.5, 2.0, s), "beta": lambda s: rng.normal(0, 0.3, s),
+              "moving_mean": lambda s: rng.normal(0, 0.3, s),
+              "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
+              "flow/kernel": lambda s: rng.normal(0, 0.3, s)}
+    for weight in model.weights:
+        for name, draw in values.items():
+            if weight.path.endswith(name):
+                weight.assign(draw(weight.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_looking_model()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return random_inputs(SHAPE, batch=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def expected(model, inputs):
+    with layers.plain_geometry():
+        outputs = model(inputs, training=False)
+    displacement = np.asarray(outputs["displacement"])
+    assert np.abs(displacement).max() > 1.0  # the model really moves voxels
+    return {name: np.asarray(outputs[name]) for name in ("displacement", "warped")}
+
+
+def xla_calls(function, *args):
+    graph = function.get_concrete_function(*args).graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return [n for n in nodes if "_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b]
+
+
+def test_compiled_geometry_is_in_the_graph_and_gives_the_plain_result(model, inputs, expected):
+    predict = tf.function(lambda x: model(x, training=False))
+    assert len(xla_calls(predict, inputs)) >= 4  # warp, compose, prolongation, final warp
+    outputs = predict(inputs)
+    np.testing.assert_allclose(outputs["displacement"], expected["displacement"], atol=1e-4)
+    np.testing.assert_allclose(outputs["warped"], expected["warped"], atol=0.05)  # HU
+    with layers.plain_geometry():
+        plain = tf.function(lambda x: model(x, training=False))
+        assert xla_calls(plain, inputs) == []
+
+
+def test_compiled_geometry_gives_the_plain_gradients(model, inputs):
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model.loss_terms(inputs, model(inputs, training=False))["loss"])
+        return [np.asarray(g) for g in tape.gradient(loss, model.trainable_weights)]
+
+    compiled = gradients()
+    with layers.plain_geometry():
+        plain = gradients()
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, np.abs(b).max()))
+
+
+def test_folded_batchnorm_gives_the_same_output(model, inputs, expected):
+    folded = model.for_inference("float32")
+    assert not any("batch_normalization" in type(l).__name__.lower() or "_bn" in l.name
+                   for net in folded.nets for l in net.layers)
+    with layers.plain_geometry():
+        outputs = folded(inputs)
+    np.testing.assert_allclose(outputs["displacement"], expected["displacement"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs["warped"], expected["warped"], atol=1e-5 * 1200.0)
+
+
+def test_bfloat16_networks_keep_geometry_and_outputs_float32(model, inputs, expected):
+    fast = model.for_inference("bfloat16")
+    convs = [l for net in fast.nets for l in net.layers if l.name.endswith("_conv0")]
+    assert convs and all(l.compute_dtype == "bfloat16" for l in convs)
+    assert all(net.get_layer("flow").compute_dtype == "float32" for net in fast.nets)
+    outputs = fast(inputs)
+    assert outputs["displacement"].dtype == tf.float32 and outputs["warped"].dtype == tf.float32
+    error = np.abs(np.asarray(outputs["displacement"]) - expected["displacement"]).max()
+    assert np.isfinite(error) and error < 0.05 * np.abs(expected["displacement"]).max()
+
+
+def test_for_inference_needs_a_model_with_batchnorm(model):
+    folded = model.for_inference()
+    with pytest.raises(ValueError, match="source: expected a model with batch normalisation"):
+        folded.load_folded(folded)
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2, precision="int8")
+
+
+def test_keras_predictor_follows_the_model_it_was_given(inputs):
+    model = trained_looking_model(seed=1)
+    predictor = inference.KerasPredictor(model, precision="float32")
+    before = predictor(inputs["fixed"], inputs["moving"], inputs["spacing"])["displacement"]
+    flow = model.net(1).get_layer("flow").kernel
+    flow.assign(flow * 2.0)  # as training would
+    after = predictor(inputs["fixed"], inputs["moving"], inputs["spacing"])["displacement"]
+    reference = model(inputs, training=False)["displacement"]
+    assert np.abs(after - before).max() > 0.1
+    np.testing.assert_allclose(after, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(inference, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 sse\n")
+    assert inference.resolve_precision("auto") == "bfloat16"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f sse\n")
+    assert inference.resolve_precision("auto") == "float32"
+    assert inference.resolve_precision("bfloat16") == "bfloat16"  # emulated, but allowed
+    with pytest.raises(DataError, match="^precision: float16 needs a GPU"):
+        inference.resolve_precision("float16")
+    with pytest.raises(DataError, match="^precision: expected one of auto, float32"):
+        inference.resolve_precision("half")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    assert inference.resolve_precision("auto") == "float16"
+
+
+def test_saved_model_root_runs_its_keras_file_for_a_reduced_precision(model, tmp_path):
+    root = tmp_path / "mlvirnet"
+    export_saved_model(model, root, warmup_requests=0, refine=None)
+    assert isinstance(inference.load_predictor(str(root), "float32"), inference.SavedModelPredictor)
+    with pytest.raises(DataError, match="precision bfloat16: a SavedModel runs in float32"):
+        inference.load_predictor(str(root), "bfloat16")
+    model.save(root / "model.keras")
+    predictor = inference.load_predictor(str(root), "bfloat16")
+    assert isinstance(predictor, inference.KerasPredictor) and predictor.precision == "bfloat16"
+
+
+def test_saved_model_without_compiled_geometry_has_no_xla(model, tmp_path, inputs, expected):
+    plain = export_saved_model(model, tmp_path / "plain", warmup_requests=0, refine=None,
+                               compiled_geometry=False)
+    compiled = export_saved_model(model, tmp_path / "compiled", warmup_requests=0, refine=None)
+
+    def marks(path):
+        text = (tmp_path / path / "saved_model.pb").read_bytes()
+        return text.count(b"_XlaMustCompile")
+
+    assert marks(compiled) > 0 and marks(plain) == 0
+    signature = tf.saved_model.load(plain).signatures["serving_default"]
+    outputs = signature(**{name: tf.constant(value) for name, value in inputs.items()})
+    np.testing.assert_allclose(outputs["displacement"], expected["displacement"], rtol=1e-5, atol=1e-5)
