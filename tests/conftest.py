@@ -1,8 +1,20 @@
 """Shared test helpers (importable as ``from conftest import ...``; pytest puts tests/ on the path)."""
 
 import numpy as np
+import pytest
 
 from tfmlreg.model import MultilevelRegistration
+
+# Whole modules of integration tests (commands end to end, training runs with checkpoints,
+# export, serving); single slow tests elsewhere carry @pytest.mark.slow themselves.
+SLOW_MODULES = {"test_cli", "test_resume", "test_export", "test_export_refined", "test_onnx",
+                "test_serving"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def registration_model(shape, **config):

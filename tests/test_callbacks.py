@@ -103,7 +103,7 @@ def run(tmp_path_factory):
 def test_early_stopping_stops_and_restores_each_stage_on_its_own(run):
     assert {level: len(h.epoch) for level, h in run["histories"].items()} == {2: 2, 1: 2}
     stages = run["recorder"].stages
-    for level, other in ((2, 1), (1, 2)):
+    for level in (2, 1):
         # the stage ends with its own best (first) epoch, not another stage's weights
         for end, best in zip(stages[level]["end"][level], stages[level]["first"][level]):
             np.testing.assert_array_equal(end, best)

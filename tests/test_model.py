@@ -50,6 +50,7 @@ def test_translation_is_recovered_in_mm():
     np.testing.assert_allclose(displacement[on_blobs].mean(axis=0), translation, atol=1.0)
 
 
+@pytest.mark.slow
 def test_trained_on_a_shift_and_its_reverse_both_are_registered():
     """The network must read the direction off the images: one field for both pairs (a learned
     average motion) is at least |t| off on one of them, since |d - t| + |d + t| >= 2|t|."""
@@ -212,6 +213,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_training_runs_under_mirrored_strategy_on_two_logical_cpus():
     # Logical devices must be configured before TensorFlow starts, hence a fresh interpreter.
     result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
@@ -219,6 +221,7 @@ def test_training_runs_under_mirrored_strategy_on_two_logical_cpus():
     assert "MIRRORED_OK" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_overfitting_one_phantom_pair_lowers_the_loss_and_the_landmark_error():
     from tfmlreg.data import phantom, pipeline
     from tfmlreg.inference import KerasPredictor, register_pair

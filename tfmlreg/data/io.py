@@ -485,7 +485,8 @@ def read_dirlab_image(path, case):
     expected = int(np.prod(size)) * 2
     actual = os.path.getsize(path)
     if actual != expected:
-        raise DataError(f"{path}: {actual} bytes, but DIR-LAB case {case} ({size[0]}x{size[1]}x{size[2]} int16) has {expected}")
+        raise DataError(f"{path}: {actual} bytes, but DIR-LAB case {case} "
+                        f"({size[0]}x{size[1]}x{size[2]} int16) has {expected}")
     stored = np.fromfile(path, dtype="<i2").reshape(size[::-1])  # (z, y, x), x fastest
     return np.transpose(stored, (2, 1, 0)).astype(np.float32) - DIRLAB_OFFSET, spacing
 
