@@ -26,6 +26,8 @@ from _timing import median_seconds
 from tfmlreg import layers
 from tfmlreg.model import PRECISIONS, MultilevelRegistration
 c = json.loads(sys.argv[1])
+if c["threads"]:
+    tf.config.threading.set_intra_op_parallelism_threads(c["threads"])
 n = c["size"]
 rng = np.random.default_rng(0)
 batch = {"fixed": rng.uniform(-1000, 0, (1, n, n, n, 1)).astype("float32"),
@@ -55,10 +57,12 @@ print(json.dumps({"seconds": seconds, "peak_kib": resource.getrusage(resource.RU
 
 
 def run(mode, size, repeats=3, precision="float32", filters=16, fold=True, plain_geometry=False,
-        xla=False):
-    """``(median seconds, peak RSS GiB)`` of one configuration, measured in a fresh process."""
+        xla=False, threads=0):
+    """``(median seconds, peak RSS GiB)`` of one configuration, measured in a fresh process
+    (``threads``: TensorFlow's intra-op threads, 0 for its default, one per core)."""
     config = {"mode": mode, "size": size, "repeats": repeats, "precision": precision,
-              "filters": filters, "fold": fold, "plain_geometry": plain_geometry, "xla": xla}
+              "filters": filters, "fold": fold, "plain_geometry": plain_geometry, "xla": xla,
+              "threads": threads}
     result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)],
                             capture_output=True, text=True)
     if result.returncode != 0:
