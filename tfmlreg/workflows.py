@@ -106,7 +106,8 @@ def register_and_write(predictor, pair, out_dir, refine=None, progress=False):
     summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"])
+    save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
+                 result["displacement"])
     return summary
 
 
@@ -131,12 +132,14 @@ def checked_result(result, name):
     return result
 
 
-def save_overlay(path, pair, warped):
+def save_overlay(path, pair, warped, displacement=None):
     """Overlays before and after: the moving image resampled onto the fixed grid (the identity
-    map: the pair may have different shapes and spacings) and the warped image, on the fixed."""
+    map: the pair may have different shapes and spacings) and the warped image, on the fixed;
+    with ``displacement`` also its Jacobian and what it takes from outside the moving scan."""
     identity = np.zeros(np.shape(pair["fixed"]) + (3,), np.float32)
     save_overlays(path, pair["fixed"], {"before": warp_moving(pair, identity), "after": warped},
-                  pair["spacing_fixed"])
+                  pair["spacing_fixed"], displacement=displacement, title=pair.get("name"),
+                  moving_extent_mm=np.shape(pair["moving"]) * np.asarray(pair["spacing_moving"]))
 
 
 def _summary(results):
@@ -200,7 +203,7 @@ def _evaluate_case(predictor, case_dir, out_dir, figures, refine):
     outcome = evaluation.evaluate_pair(pair, registered)
     if figures:
         save_overlay(os.path.join(out_dir, f"overlay_{pair['name']}.png"), pair,
-                     registered["warped"])
+                     registered["warped"], registered["displacement"])
     methods = {evaluation.INITIAL: outcome[evaluation.INITIAL]}
     if "network_displacement" in registered:  # both ran: the network alone beside the result
         methods[NETWORK] = evaluation.evaluate_displacement(pair, registered["network_displacement"])
