@@ -146,6 +146,8 @@ def resample(volume, spacing, target_shape):
     """
     target_shape = tuple(int(n) for n in target_shape)
     source_dims = spatial_shape(volume)
+    if source_dims == target_shape:  # the same cell centres: nothing to interpolate
+        return ops.cast(volume, FLOAT)
     spacing = as_spacing(spacing, _batch(volume))
     target_spacing = _spacing_for(spacing, source_dims, target_shape)
     return sample(volume, grid_points(target_shape, target_spacing), spacing)
