@@ -91,7 +91,7 @@ def _label_view(axis, view, spacing, shape, axes, index):
     axis.set_xticks([])
     axis.set_yticks([])
     position = (index + 0.5) * spacing[cut]
-    axis.set_xlabel(f"{view}, axis {cut} = {position:.0f} mm (slice {index + 1}/{shape[cut]})",
+    axis.set_xlabel(f"{view}, axis {cut} = {position:.1f} mm (slice {index + 1}/{shape[cut]})",
                     fontsize=7)
     width = shape[across] * spacing[across]
     bar = _round_length(width / 4)
