@@ -199,3 +199,51 @@ def test_stored_pairs_with_augmentation_and_bad_options(element):
         pipeline.make_dataset([dict(pair, displacement=None)], (40, 32, 24), displacement=True)
     with pytest.raises(io.DataError, match=r"source\[0\]"):
         pipeline.make_dataset([{"image": 1}], (40, 32, 24))
+
+
+def stored_pair(element):
+    """The element as a stored pair (labels, ground truth) on its own grid."""
+    labels = {key: np.where(element[f"{key}_mask"].sum(-1) > 0.5,
+                            element[f"{key}_mask"].argmax(-1) + 1, 0).astype(np.int16)
+              for key in ("fixed", "moving")}
+    return {"fixed": element["fixed"][..., 0], "moving": element["moving"][..., 0],
+            "spacing_fixed": element["spacing"], "spacing_moving": element["spacing"],
+            "fixed_labels": labels["fixed"], "moving_labels": labels["moving"],
+            "displacement": element["displacement"]}
+
+
+def test_the_datasets_geometric_augmentation_keeps_each_pair_and_its_field_consistent(element):
+    shape = element["fixed"].shape[:3]
+    plain = next(iter(pipeline.make_dataset([stored_pair(element)], shape, displacement=True)))
+    data = pipeline.make_dataset([stored_pair(element)], shape, displacement=True, flips=True,
+                                 swaps=True, shift_mm=4.0, seed=5)
+    changed = 0
+    for batch in data.repeat(6):
+        case = {key: value.numpy()[0] for key, value in batch.items()}
+        after, before = mismatch(case)
+        assert after < 0.5 * before, (after, before)  # the field still maps moving onto fixed
+        # each mask moved with its image, so it covers lungs: about -808 HU aligned, above
+        # -600 HU with the mask flipped along any axis
+        for key in ("fixed", "moving"):
+            lungs = case[f"{key}_mask"].sum(-1) > 0.5
+            assert lungs.sum() > 1000 and case[key][..., 0][lungs].mean() < -700.0
+        changed += not np.array_equal(case["moving"], plain["moving"].numpy()[0])
+    assert changed >= 4  # 6 draws of flips (1/2 per axis), swaps and shifts: nearly all differ
+
+
+def test_intensity_augmentation_is_a_small_affine_change_per_image_and_nothing_else(element):
+    shape = element["fixed"].shape[:3]
+    plain = next(iter(pipeline.make_dataset([stored_pair(element)], shape, displacement=True)))
+    augmented = next(iter(pipeline.make_dataset([stored_pair(element)], shape, displacement=True,
+                                                augment=True, seed=3)))
+    fits = {}
+    for key in ("fixed", "moving"):
+        before = plain[key].numpy().ravel() - pipeline.AIR_HU
+        after = augmented[key].numpy().ravel() - pipeline.AIR_HU
+        scale, offset = np.polyfit(before, after, 1)
+        np.testing.assert_allclose(after, scale * before + offset, atol=0.05)  # exactly affine
+        assert 0.95 <= scale <= 1.05 and abs(offset) <= 30.0 and (scale, offset) != (1.0, 0.0)
+        fits[key] = (scale, offset)
+    assert fits["fixed"] != fits["moving"]  # each image its own draw
+    for key in ("fixed_mask", "moving_mask", "displacement", "spacing"):  # geometry untouched
+        np.testing.assert_array_equal(augmented[key].numpy(), plain[key].numpy())

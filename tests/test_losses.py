@@ -206,14 +206,14 @@ def test_loss_config_round_trip(loss, config):
     np.testing.assert_allclose(restored(y * 0.5, y), loss(y * 0.5, y), rtol=1e-6)
 
 
-def test_loss_classes_train_a_tiny_model_one_step():
+def test_loss_classes_give_the_reference_objective_in_a_keras_model_and_train_it():
     image = keras.Input((8, 8, 8, 1))
     displacement = keras.layers.Conv3D(3, 3, padding="same", name="displacement")(image)
     warped = keras.layers.Conv3D(1, 3, padding="same", name="warped")(image)
     masks = keras.layers.Conv3D(2, 1, activation="sigmoid", name="masks")(image)
     model = keras.Model(image, {"displacement": displacement, "warped": warped, "masks": masks})
     model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
+        optimizer=keras.optimizers.SGD(1e-3),
         loss={"displacement": losses.Curvature(spacing=1.5), "warped": losses.NGF(0.1), "masks": losses.MaskDistance()},
     )
     rng = np.random.default_rng(6)
@@ -223,9 +223,21 @@ def test_loss_classes_train_a_tiny_model_one_step():
         "warped": x,
         "masks": (rng.uniform(size=(2, 8, 8, 8, 2)) > 0.5).astype(np.float32),
     }
+    predicted = {k: np.asarray(v, np.float64) for k, v in model(x).items()}
+    # what Keras must report: each Loss's batch mean, summed over the outputs
+    expected = {
+        "displacement_loss": curvature_reference(predicted["displacement"], [[1.5] * 3] * 2).mean(),
+        "warped_loss": ngf_reference(x.astype(np.float64), predicted["warped"], [[1.0] * 3] * 2, 0.1).mean(),
+        "masks_loss": mask_reference(y["masks"].astype(np.float64), predicted["masks"]).mean(),
+    }
+    expected["loss"] = sum(expected.values())
+    before = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
+    for key, value in expected.items():
+        assert before[key] == pytest.approx(value, rel=1e-4), key
     history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
-    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert history.history["loss"][0] == pytest.approx(expected["loss"], rel=1e-4)  # pre-step
+    after = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
+    assert after["loss"] < before["loss"]  # the step descended
 
 
 def test_displacement_error_is_the_mean_squared_distance_in_mm():
