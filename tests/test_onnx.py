@@ -6,6 +6,7 @@ import onnx
 import onnxruntime
 import pytest
 import tensorflow as tf
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from conftest import random_inputs, registration_model
 from tfmlreg.export import (
@@ -61,11 +62,15 @@ def test_parity_check_fails_loudly(model, onnx_path):
         check_onnx_parity(onnx_path, model, random_inputs(SHAPE, batch=1, seed=0), atol=0.0)
 
 
-def test_wrong_size_is_rejected_by_onnx_runtime(onnx_path):
+def test_the_graph_fixes_the_grid_so_another_size_is_rejected_before_running(onnx_path):
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    # the in-graph checks are not converted: the static grid in the signature is the check
+    assert {i.name: i.shape[1:] for i in session.get_inputs()} == {
+        "fixed": [*SHAPE, 1], "moving": [*SHAPE, 1], "spacing": [3]}
     inputs = random_inputs(SHAPE, batch=1, seed=0)
     inputs["fixed"] = inputs["fixed"][:, :8]
-    with pytest.raises(Exception, match="fixed"):
+    with pytest.raises(InvalidArgument,
+                       match=r"(?s)invalid dimensions for input: fixed.*index: 1 Got: 8 Expected: 16"):
         session.run(None, inputs)
 
 
