@@ -108,7 +108,7 @@ def test_register_fixed_and_moving_of_different_shapes(model, inputs, tmp_path, 
 
 
 def test_overlay_panels_must_be_on_the_fixed_grid(tmp_path):
-    with pytest.raises(ValueError, match=r"panel 'before' has shape \(20, 28, 16\).*resample"):
+    with pytest.raises(ValueError, match=r"^panels: 'before' has shape \(20, 28, 16\).*resample"):
         save_overlays(str(tmp_path / "o.png"), blob(FIXED_SHAPE), {"before": blob(MOVING_SHAPE)},
                       SPACING)
 
@@ -118,7 +118,7 @@ def test_overlay_before_panel_is_the_moving_image_on_the_fixed_grid(tmp_path, mo
             "spacing_fixed": np.float32(SPACING), "spacing_moving": np.float32((2.4, 1.7, 3.125))}
     shown = {}
     monkeypatch.setattr(workflows, "save_overlays",
-                        lambda path, fixed, panels, spacing: shown.update(panels))
+                        lambda path, fixed, panels, spacing, **options: shown.update(panels))
     workflows.save_overlay(str(tmp_path / "o.png"), pair, pair["fixed"])
     assert shown["before"].shape == FIXED_SHAPE
     # same physical extent (48 x 47.6 x 50 mm vs 48 x 48 x 50 mm): the centres agree

@@ -60,7 +60,8 @@ def test_register_writes_full_resolution_outputs(phantoms, saved_model, workspac
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert sorted(os.listdir(out)) == ["displacement.nii.gz", "jacobian_determinant.nii.gz",
-                                       "metrics.json", "overlay.png", "warped.nii.gz"]
+                                       "metrics.json", "overlay.png", "overlay.svg",
+                                       "warped.nii.gz"]
     field = nib.load(out / "displacement.nii.gz")
     assert field.shape == (48, 48, 48, 1, 3)
     np.testing.assert_allclose(io.read_image(str(out / "warped.nii.gz"))[1],

@@ -242,6 +242,6 @@ def format_demo_report(summary, out_dir):
         f"{'network time (s)':24s}{'':10s}{after['seconds_network']:12.2f}",
         f"{'refinement time (s)':24s}{'':10s}{after['seconds_refinement']:12.2f}",
         f"outputs in {out_dir}/: warped.nii.gz, displacement.nii.gz (mm), "
-        "jacobian_determinant.nii.gz, metrics.json, overlay.png",
+        "jacobian_determinant.nii.gz, metrics.json, overlay.png (and .svg)",
     ]
     return "\n".join(lines)
