@@ -17,7 +17,8 @@ that a resumed epoch replaces rather than repeats.
 Keras' own callbacks are reused across the stages' ``fit`` calls and behave per stage (losses of
 different levels are on different grids and are not comparable): ``ModelCheckpoint`` compares
 within a stage (its ``best`` starts afresh each stage; with ``save_best_only`` one file path ends
-up holding the finest stage's best epoch, and a path with ``{level}`` keeps one file per stage);
+up holding the finest stage's best epoch, and a path with ``{level}`` keeps one file per stage;
+it saves during the stage, before the stage's batch-norm statistics are re-estimated);
 ``EarlyStopping`` stops and, with ``restore_best_weights``, restores within the stage (Keras
 resets it at each ``fit``); ``CSVLogger`` writes one file for the run, a row per stage and epoch
 with the stage's ``level`` (appending from the second stage on; a resumed run appends only with
