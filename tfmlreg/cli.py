@@ -269,7 +269,8 @@ def _export_saved_model(args):
             for name in os.listdir(root) if os.path.isdir(root) else []:
                 if name.startswith(".") and ".partial" in name:  # left by a killed export
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            export.export_saved_model(model, root, version=args.version)
+            export.export_saved_model(model, root, version=args.version,
+                                      compiled_geometry=not args.plain_geometry)
         except BaseException:
             if created:
                 shutil.rmtree(root, ignore_errors=True)
@@ -411,6 +412,9 @@ def build_parser():
     export.add_argument("--version", type=int, default=1, help="SavedModel version folder (default 1)")
     export.add_argument("--format", choices=("savedmodel", "onnx", "tf-trt"), default="savedmodel")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    export.add_argument("--plain-geometry", action="store_true",
+                        help="SavedModel geometry as plain ops, not XLA-compiled (for TF Serving "
+                             "without --xla_cpu_compilation_enabled=true)")
     return parser
 
 
