@@ -174,6 +174,19 @@ def test_landmarks_are_vessels_in_the_lungs_and_follow_u(pair, anatomy):
     assert distances[np.triu_indices(300, 1)].min() >= anatomy.spacing.min()  # spread out
 
 
+def test_landmarks_stay_inside_the_moving_field_of_view(anatomy):
+    # a pure 20 mm shift carries the top of the crop out of view: no landmark may map there
+    pair = synthetic.make_pair(anatomy.image, anatomy.spacing, seed=1, amplitude_mm=0.0,
+                               anatomy=anatomy, shift_mm=(0.0, 0.0, 20.0))
+    extent = np.asarray(anatomy.image.shape) * anatomy.spacing
+    margin = synthetic.LANDMARK_MARGIN_MM
+    assert np.all(pair["moving_landmarks"] >= margin - 1e-3)
+    assert np.all(pair["moving_landmarks"] <= extent - margin + 1e-3)
+    view = synthetic.stays_in_view(pair["displacement"], anatomy.spacing)
+    cut = int(np.ceil((20.0 + margin) / anatomy.spacing[2]))
+    assert not view[..., -cut + 1:].any() and view[..., :-cut - 1].any()
+
+
 def test_same_seed_same_pair(scan, anatomy, pair):
     again = synthetic.make_pair(scan["image"], scan["spacing"], seed=5, amplitude_mm=20.0,
                                 anatomy=anatomy)

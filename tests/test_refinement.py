@@ -66,6 +66,18 @@ def test_never_increases_the_objective_it_minimises(ct):
         assert min(losses) <= losses[0]
 
 
+def test_a_wrong_initial_field_is_dropped_for_zero_and_a_good_one_kept(ct):
+    field = smooth_field(ct[0].shape, ct[1])
+    fixed, moving = make_pair(ct, field)
+    wrong = 4.0 * field  # four times the motion
+    dropped = refinement.refine(fixed, moving, ct[1], initial=wrong, **FAST)
+    kept = refinement.refine(fixed, moving, ct[1], initial=field, **FAST)
+    assert dropped["start"] == "zero" and kept["start"] == "initial"
+    region = interior_body(fixed)
+    error = np.linalg.norm(dropped["displacement"] - field, axis=-1)[region]
+    assert error.mean() < 0.6
+
+
 def test_zero_iterations_return_the_initial_field(ct):
     field = smooth_field(ct[0].shape, ct[1])
     fixed, moving = make_pair(ct, field)
@@ -85,6 +97,18 @@ def test_compiled_step_is_traced_once_per_shape_and_results_are_deterministic(ct
     third = refinement.refine(fixed, moving, ct[1], levels=2, iterations=5, tolerance=0)
     np.testing.assert_array_equal(first["displacement"], third["displacement"])
     assert not np.array_equal(first["displacement"], second["displacement"])
+
+
+def test_compile_ahead_compiles_each_level_once_for_refine(ct):
+    image = ct[0][:40, 4:40, 2:38]  # a shape no other test uses
+    fixed, moving = image, np.roll(image, 1, axis=2)
+    settings = dict(levels=2, iterations=3, tolerance=0)
+    traces = refinement.compiled_step.experimental_get_tracing_count()
+    refinement.compile_ahead(fixed.shape, moving.shape, ct[1], **settings)
+    refinement.compile_ahead(fixed.shape, moving.shape, ct[1], **settings)  # no second start
+    result = refinement.refine(fixed, moving, ct[1], **settings)
+    assert refinement.compiled_step.experimental_get_tracing_count() == traces + 2
+    assert result["steps"] == [6, 3]  # the coarser level may take twice the steps
 
 
 @pytest.mark.parametrize("grid", ["finer", "shorter"])

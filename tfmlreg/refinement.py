@@ -32,6 +32,7 @@ and on real CTs with synthetic breathing).
 """
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,10 @@ from tfmlreg.model import DEFAULT_WINDOW
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPSILON = 1e-8
+# The zero start replaces the initial field only when its coarsest-level objective is lower by
+# this fraction: from a correct network field both ends lie within a few per cent (the coarse grid
+# cannot tell them apart), and the initial one keeps the fine detail the coarse level cannot hold.
+ZERO_START_MARGIN = 0.1
 MIN_LEVEL_SIZE = 8  # cells per axis below which a coarser level adds nothing
 
 
@@ -52,7 +57,8 @@ class RefineConfig:
     """Settings of :func:`refine`; every default is explained in docs/REFINEMENT.md."""
 
     levels: int = 3
-    iterations: int = 60  # Adam steps per level, at most
+    iterations: int = 60  # Adam steps at the finest level, at most
+    iteration_growth: float = 2.0  # each coarser level may take this many times more (cheap) steps
     alpha: float = 4.0  # curvature weight (mm²), as in the training loss NGF + α·S(u)
     epsilon: float = 0.01  # NGF edge noise level, window-normalised intensity per mm
     learning_rate: float = 0.4  # mm per Adam step at the finest level (doubles per coarser level)
@@ -66,6 +72,7 @@ class RefineConfig:
     def __post_init__(self):
         checks = {
             "levels": self.levels >= 1, "iterations": self.iterations >= 0,
+            "iteration_growth": self.iteration_growth >= 1,
             "alpha": self.alpha >= 0, "epsilon": self.epsilon > 0,
             "learning_rate": self.learning_rate > 0, "max_voxels": self.max_voxels >= 27,
             "control_factor": self.control_factor >= 1, "tolerance": self.tolerance >= 0,
@@ -194,6 +201,67 @@ def _adam_step(control, m, v, step, learning_rate, alpha, epsilon, level):
 compiled_step = tf.function(_adam_step, jit_compile=True)
 
 
+# --- compiling ahead ------------------------------------------------------------------------------
+# XLA compiles the step once per level shape, about 1 s each on 2 cores: as long as the whole
+# optimisation. :func:`compile_ahead` starts those compilations in background threads (XLA's
+# compiler runs outside the GIL), so they overlap the network's inference and the coarser
+# levels' steps; a level waits only for its own step.
+
+_ahead = {}  # level signature -> threading.Event, set once that step is compiled
+_ahead_lock = threading.Lock()
+
+
+def _signature(level):
+    return tuple((key, tuple(level[key].shape)) for key in sorted(level))
+
+
+def compile_ahead(fixed_shape, moving_shape, spacing_fixed, spacing_moving=None, masked=False,
+                  config=None, **settings):
+    """Compile, in background threads, the step of every level :func:`refine` will run for a
+    pair of these grids (shapes ``(D, H, W)``, spacings in mm; ``masked``: a ``mask`` will be
+    given). Returns at once; compiling twice is never done. Coarsest level first."""
+    config = dataclasses.replace(config or RefineConfig(), **settings)
+    spacing_moving = spacing_fixed if spacing_moving is None else spacing_moving
+    spacing_fixed = np.asarray(spacing_fixed, np.float32).reshape(1, 3)
+    spacing_moving = np.asarray(spacing_moving, np.float32).reshape(1, 3)
+    ratio = _moving_extent_ratio(fixed_shape, moving_shape, spacing_fixed, spacing_moving)
+    shapes = level_shapes(fixed_shape, spacing_fixed[0], config)
+    for index in range(len(shapes) - 1, -1, -1):
+        level = _placeholder_level(shapes[index],
+                                   moving_level_shape(moving_shape, ratio, shapes[index]), masked)
+        with _ahead_lock:
+            if _signature(level) in _ahead:
+                continue
+            done = _ahead[_signature(level)] = threading.Event()
+        control = ops.zeros((1, *control_shape(shapes[index], config), 3), geometry.FLOAT)
+        threading.Thread(target=_compile_level, args=(control, level, done), daemon=True).start()
+
+
+def _placeholder_level(shape, moving_shape, masked):
+    """Zeros with the shapes and structure of a level from :func:`_prepare_level`."""
+    zeros = lambda dims, channels: ops.zeros((1, *dims, channels), geometry.FLOAT)  # noqa: E731
+    level = {"fixed": zeros(shape, 1), "moving": zeros(moving_shape, 1), "offset": zeros(shape, 3),
+             "spacing": ops.ones((1, 3)), "moving_spacing": ops.ones((1, 3))}
+    if masked:
+        level["weights"] = zeros(shape, 1)
+    return level
+
+
+def _compile_level(control, level, done):
+    try:
+        one = tf.constant(1.0)
+        compiled_step(control, control, control, one, one, one, one, level)[3].numpy()
+    finally:
+        done.set()  # on failure too: the level then compiles (and reports) in the caller
+
+
+def _wait_compiled(level):
+    with _ahead_lock:
+        done = _ahead.get(_signature(level))
+    if done is not None:
+        done.wait()
+
+
 # --- levels -------------------------------------------------------------------------------------
 
 
@@ -201,7 +269,8 @@ def _prepare_level(images, level_shape, delta):
     """Tensors of one level: images, spacings, and the fixed part of the field (``initial`` plus
     the coarser levels' increments) as ``offset``; ``increments`` alone as well."""
     spacing = images["spacing_fixed"] * _as_row(_ratio(images["fixed_shape"], level_shape))
-    moving_shape = _moving_level_shape(images, level_shape)
+    moving_shape = moving_level_shape(images["moving_shape"], images["moving_extent_ratio"],
+                                      level_shape)
     moving_spacing = images["spacing_moving"] * _as_row(_ratio(images["moving_shape"], moving_shape))
     field, field_spacing = delta
     increments = geometry.resample(field, field_spacing, level_shape)
@@ -216,13 +285,13 @@ def _prepare_level(images, level_shape, delta):
     return level, increments
 
 
-def _moving_level_shape(images, level_shape):
+def moving_level_shape(moving_shape, extent_ratio, level_shape):
     """The moving image keeps its own grid unless the level is at least 2× coarser along an axis:
     resampling it to nearly its own resolution would only blur it (an interpolation of an
     interpolation), which flattens the similarity measure without saving time (sampling costs
     per point, not per voxel)."""
-    own = np.asarray(images["moving_shape"], np.float64)
-    level_cells = np.asarray(level_shape) * images["moving_extent_ratio"]  # in the moving extent
+    own = np.asarray(moving_shape, np.float64)
+    level_cells = np.asarray(level_shape) * extent_ratio  # in the moving extent
     ratio = own / level_cells
     return tuple(int(n) if r < 2.0 else int(max(round(n / r), 3)) for n, r in zip(own, ratio))
 
@@ -281,6 +350,12 @@ def _finish(images, delta):
     return increments if images["initial"] is None else images["initial"] + increments
 
 
+def level_iterations(config, index):
+    """Steps allowed on level ``index`` (0 finest): a coarser level's step costs about 8× less,
+    and it is where large motion is found, so it may take ``iteration_growth`` times more."""
+    return int(round(config.iterations * config.iteration_growth**index))
+
+
 def _level_rate(config, index):
     return config.learning_rate * 2.0**index  # coarser cells move further per step
 
@@ -300,7 +375,8 @@ def refine(fixed, moving, spacing_fixed, spacing_moving=None, initial=None, mask
     keywords. ``progress`` shows a tqdm bar (level, step, loss).
 
     Returns ``{"displacement": (D, H, W, 3) mm, "loss": [per level: losses per step],
-    "steps": [per level], "seconds": wall time}``.
+    "steps": [per level], "start": "initial" or "zero" (see :func:`_coarsest_level`),
+    "seconds": wall time}``.
     """
     config = dataclasses.replace(config or RefineConfig(), **settings)
     start = time.perf_counter()
@@ -311,10 +387,12 @@ def refine(fixed, moving, spacing_fixed, spacing_moving=None, initial=None, mask
                      None if mask is None else _batched(mask, "mask"), config)
     shapes = level_shapes(images["fixed_shape"], ops.convert_to_numpy(images["spacing_fixed"])[0],
                           config)
-    delta = _zero_delta(images, shapes[-1])
-    history, steps = [], []
+    compile_ahead(images["fixed_shape"], images["moving_shape"], spacing_fixed, spacing_moving,
+                  mask is not None, config)
     bar = _progress_bar(config, len(shapes)) if progress else None
-    for index in range(len(shapes) - 1, -1, -1):
+    images, delta, losses_seen, start_from = _coarsest_level(images, shapes, config, bar)
+    history, steps = [losses_seen], [len(losses_seen)]
+    for index in range(len(shapes) - 2, -1, -1):
         level, increments = _prepare_level(images, shapes[index], delta)
         control, losses_seen = _run_level(level, shapes[index], config, index, bar)
         delta = _level_result(level, increments, control)
@@ -325,8 +403,31 @@ def refine(fixed, moving, spacing_fixed, spacing_moving=None, initial=None, mask
     displacement = ops.convert_to_numpy(_finish(images, delta))[0]
     if not np.all(np.isfinite(displacement)):
         raise FloatingPointError("refinement produced a non-finite displacement")
-    return {"displacement": displacement, "loss": history, "steps": steps,
+    return {"displacement": displacement, "loss": history, "steps": steps, "start": start_from,
             "seconds": time.perf_counter() - start}
+
+
+def _coarsest_level(images, shapes, config, bar):
+    """The coarsest level from ``initial`` and, when there is one, also from zero; the zero run is
+    kept only if it ends with a clearly lower objective (``ZERO_START_MARGIN``; ``start``:
+    "initial" or "zero"). A network that is wrong for this pair (e.g. one trained on other
+    anatomy) then costs one cheap level instead of leaving its error in the result; both runs
+    optimise the same objective on the same grid, so their losses compare."""
+    index = len(shapes) - 1
+    starts = {"zero": images}
+    if images["initial"] is not None:
+        starts = {"initial": images, "zero": dict(images, initial=None)}
+    runs = {}
+    for name, inputs in starts.items():
+        level, increments = _prepare_level(inputs, shapes[index], _zero_delta(inputs, shapes[index]))
+        control, seen = _run_level(level, shapes[index], config, index, bar if not runs else None)
+        runs[name] = (min(seen, default=np.inf), inputs, _level_result(level, increments, control),
+                      seen)
+    name = "zero"
+    if "initial" in runs and not runs["zero"][0] < (1.0 - ZERO_START_MARGIN) * runs["initial"][0]:
+        name = "initial"
+    _, inputs, delta, seen = runs[name]
+    return inputs, delta, seen, name
 
 
 def objective(fixed, moving, spacing_fixed, displacement, spacing_moving=None, config=None,
@@ -359,7 +460,8 @@ def _run_level(level, shape, config, index, bar):
     constants = [tf.constant(x, tf.float32) for x in
                  (_level_rate(config, index), config.alpha, config.epsilon)]
     best, best_loss, seen = control, np.inf, []
-    for step in range(1, config.iterations + 1):
+    _wait_compiled(level)
+    for step in range(1, level_iterations(config, index) + 1):
         new, m, v, loss = compiled_step(control, m, v, tf.constant(step, tf.float32),
                                         *constants, level)
         loss = float(loss[0])
@@ -373,7 +475,7 @@ def _run_level(level, shape, config, index, bar):
         if _converged(seen, config):
             break
     if bar is not None:
-        bar.update(config.iterations - len(seen))
+        bar.update(level_iterations(config, index) - len(seen))
     return best, seen
 
 
@@ -387,7 +489,8 @@ def _converged(seen, config):
 def _progress_bar(config, levels):
     from tqdm import tqdm
 
-    return tqdm(total=config.iterations * levels, desc="refining", unit="step", leave=False)
+    total = sum(level_iterations(config, index) for index in range(levels))
+    return tqdm(total=total, desc="refining", unit="step", leave=False)
 
 
 # --- the in-graph path (SavedModel) ---------------------------------------------------------------
@@ -429,5 +532,6 @@ def _graph_level(level, shape, config, index):
 
     state = (tf.constant(1), control, ops.zeros_like(control), ops.zeros_like(control), control,
              best_loss)
-    state = tf.while_loop(lambda step, *_: step <= config.iterations, body, state)
+    steps = level_iterations(config, index)
+    state = tf.while_loop(lambda step, *_: step <= steps, body, state)
     return state[4]

@@ -20,7 +20,9 @@ image is the CT and whose moving image is the same anatomy in another breathing 
   is warped with it, the lung parenchyma's density follows mass conservation
   (``HU + 1000`` times ``det(I + ∇v)``), and both images get Gaussian scanner noise;
 * 300 landmarks on vessel-like points in the fixed lungs (:func:`vessel_landmarks`), their moving
-  positions ``p + u(p)`` exactly.
+  positions ``p + u(p)`` exactly, all at least ``LANDMARK_MARGIN_MM`` inside the moving grid
+  (:func:`stays_in_view`: a point the motion carries out of the scanned field has no
+  correspondence to find).
 
 ``direction="exhale"`` makes the moving image the exhaled state (the usual chest CT is taken at
 full inhale, so this is the physical direction: ``u`` points cranially at the lung bases);
@@ -50,6 +52,7 @@ LUNG_HU = -400.0  # air and lung parenchyma lie below
 CLEAN_AIR_HU = -960.0
 LABELS = {"left lung": 1, "right lung": 2}
 DIRECTIONS = {"exhale": 1.0, "inhale": -1.0}
+LANDMARK_MARGIN_MM = 5.0  # landmarks map at least this far inside the moving grid (stays_in_view)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -660,7 +663,8 @@ def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_l
     anatomy = anatomy if anatomy is not None else analyse(image, spacing, name=name)
     rng = np.random.default_rng(seed)
     grid_pair, info = synthesize(anatomy, rng, amplitude_mm, direction, **options)
-    fixed_points = vessel_landmarks(anatomy.image, anatomy.lungs, anatomy.spacing, n_landmarks,
+    observable = anatomy.lungs & stays_in_view(grid_pair["displacement"], anatomy.spacing)
+    fixed_points = vessel_landmarks(anatomy.image, observable, anatomy.spacing, n_landmarks,
                                     name=name)
     moving_points = fixed_points + _sample(grid_pair["displacement"], fixed_points,
                                            anatomy.spacing)
@@ -672,6 +676,19 @@ def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_l
     if affine is not None:
         pair["affine_fixed"] = np.asarray(affine, np.float64)
     return pair
+
+
+def stays_in_view(displacement, spacing, margin_mm=LANDMARK_MARGIN_MM):
+    """Voxels whose position in the moving image, ``x + u(x)``, is at least ``margin_mm`` inside
+    its grid. Elsewhere the moving image holds none of the anatomy that moved there (motion
+    carried it out of the scanned field of view), so no method can find the correspondence and a
+    landmark there measures extrapolation, not registration; the margin leaves room for the
+    similarity measure's neighbourhood."""
+    spacing = np.asarray(spacing, np.float64)
+    shape = np.asarray(displacement.shape[:3])
+    target = _grid(shape, spacing) + displacement
+    inside = (target >= margin_mm) & (target <= shape * spacing - margin_mm)
+    return np.all(inside, axis=-1)
 
 
 def _jsonable(seed):
