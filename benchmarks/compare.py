@@ -16,7 +16,7 @@ What it measures, on the same machine in one run:
   wall time and its peak resident memory (ru_maxrss);
 * one 160³ warp the model's way (``benchmarks/warp.py``);
 * one training step of tfmlreg at ``--train`` sizes in float32 and bfloat16 (``mixed_bfloat16``);
-* the accuracy of bfloat16: landmark error (TRE) of the shipped ``saved_models/demo`` network on
+* the accuracy of bfloat16: landmark error (TRE) of the shipped demo network on
   phantom pairs, float32 SavedModel against the bfloat16 inference form (issue 14: change
   ≤ 0.05 mm).
 
@@ -90,6 +90,15 @@ print(json.dumps(rows))
 """
 
 
+def shipped_model():
+    """The shipped demo model's root (package data once tfmlreg.models exists)."""
+    try:
+        from tfmlreg import models
+    except ImportError:
+        return os.path.join(ROOT, "saved_models", "demo")
+    return models.default_model()
+
+
 def ensure_voxelmorph():
     """The bench venv's python with torch and voxelmorph, installed there when missing."""
     check = [VENV_PYTHON, "-c", "import torch, voxelmorph"]
@@ -144,8 +153,9 @@ def main():
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="TensorFlow intra-op threads = torch threads (default: the cores)")
-    parser.add_argument("--model", default=os.path.join(ROOT, "saved_models", "demo"),
-                        help="trained model root (SavedModel + model.keras) for the accuracy check")
+    parser.add_argument("--model", default=shipped_model(),
+                        help="trained model root (SavedModel + model.keras) for the accuracy check "
+                             "(default: the shipped demo model)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[500, 501, 502],
                         help="phantom pairs of the accuracy check")
     parser.add_argument("--no-accuracy", action="store_true")
