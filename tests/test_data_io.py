@@ -30,7 +30,7 @@ def test_dirlab_wrong_size_names_the_file(tmp_path):
     path.write_bytes(b"\0" * 1000)
     with pytest.raises(DataError, match="short.img: 1000 bytes"):
         io.read_dirlab_image(str(path), case=2)
-    with pytest.raises(DataError, match="dirlab-case"):
+    with pytest.raises(DataError, match="^dirlab_case: expected 1-10, got 11"):
         io.read_dirlab_image(str(path), case=11)
 
 

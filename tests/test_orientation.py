@@ -351,7 +351,7 @@ def test_dirlab_img_reads_like_its_metaimage_header_in_itk(tmp_path):
     np.testing.assert_allclose(affine, itk_affine, atol=1e-5)
     np.testing.assert_array_equal(image, hu[::-1, ::-1, :])  # x, y stored towards left, posterior
     assert nib.aff2axcodes(io.dirlab_affine(1)) == ("L", "P", "S")
-    with pytest.raises(DataError, match="needs --dirlab-case"):
+    with pytest.raises(DataError, match="needs dirlab_case"):
         io.read_image(str(tmp_path / "case1.img"))
 
 

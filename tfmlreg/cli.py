@@ -38,13 +38,14 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
-from tfmlreg import output  # noqa: E402  (no TensorFlow)
+from tfmlreg import models, output  # noqa: E402  (no TensorFlow)
 from tfmlreg.output import OutputError  # noqa: E402
 
 EXIT_FAILURE = 1
@@ -53,8 +54,8 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 DEBUG_VARIABLE = "TFMLREG_DEBUG"
 REPORT_AT = "the tfmlreg issue tracker, with the command line and the --debug output"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.environ.get("TFMLREG_MODEL", os.path.join(REPO_ROOT, "saved_models", "demo"))
+# $TFMLREG_MODEL, else the demo model shipped as package data (tfmlreg/models/demo/)
+DEFAULT_MODEL = models.default_model()
 
 _show_tensorflow_logs = False  # set by main() from --debug
 
@@ -119,10 +120,16 @@ def cmd_register(args):
         raise UsageError("--fixed-landmarks and --moving-landmarks go together")
     if (args.fixed_labels is None) != (args.moving_labels is None):
         raise UsageError("--fixed-labels and --moving-labels go together")
+    if args.server is None and (args.model_name is not None or args.shape is not None):
+        raise UsageError(f"{'--model-name' if args.model_name is not None else '--shape'}: "
+                         "only with --server (a local model knows its grid and needs no name)")
     with output.staged(args.out, args.overwrite) as staging:
         workflows = _load("tfmlreg.workflows")
-        pair = workflows.load_files(args)  # every input checked before any model work
-        predictor = workflows.predictor_for(args.model, args.server, args.shape, args.precision)
+        # every input checked before any model work
+        pair = workflows.load_files(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
+                                    args.fixed_landmarks, args.moving_landmarks, args.dirlab_case)
+        predictor = workflows.predictor_for(args.model, args.server, args.shape, args.precision,
+                                            model_name=args.model_name)
         summary = workflows.register_and_write(predictor, pair, staging, _refine_config(args),
                                                progress=sys.stderr.isatty())
     print(json.dumps(summary, indent=2))
@@ -299,7 +306,7 @@ def build_parser():
             tfmlreg demo
             tfmlreg register --fixed exhale.nii.gz --moving inhale.nii.gz --out result/
             tfmlreg train training/demo.json
-            tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/
+            tfmlreg evaluate --model runs/demo/model.keras --data phantoms/ --out eval/
         """) + "\n\nexit codes: 0 done, 2 bad input, 1 failure or internal error, 130 interrupted",
     )
     parser.add_argument("--debug", action="store_true",
@@ -334,7 +341,7 @@ def build_parser():
         """tfmlreg register --fixed exhale.nii.gz --moving inhale.nii.gz --out result/
         tfmlreg register --fixed case1_T50.img --moving case1_T00.img --dirlab-case 1 \\
             --fixed-landmarks case1_300_T50_xyz.txt --moving-landmarks case1_300_T00_xyz.txt --out r/
-        tfmlreg register --fixed f.nii.gz --moving m.nii.gz --server gpu-host:8500 --shape 160 160 160 --out r/""",
+        tfmlreg register --fixed f.nii.gz --moving m.nii.gz --server gpu-host:8500 --model-name demo --out r/""",
     )
     register.add_argument("--fixed", required=True, help="fixed image (NIfTI, or DIR-LAB .img)")
     register.add_argument("--moving", required=True, help="moving image (NIfTI, or DIR-LAB .img)")
@@ -342,8 +349,12 @@ def build_parser():
     register.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     register.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     register.add_argument("--server", help="TF Serving gRPC address HOST:PORT instead of --model")
+    register.add_argument("--model-name", metavar="NAME",
+                          help="the model's name on the server (with --server; default: demo, "
+                               "as in serving/models.config)")
     register.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
-                          help="model grid of the served model (with --server)")
+                          help="grid of the served model (with --server; default: read from the "
+                               "server's model metadata)")
     register.add_argument("--dirlab-case", type=int, help="DIR-LAB case 1-10 for .img inputs")
     register.add_argument("--fixed-labels", help="fixed label map (NIfTI)")
     register.add_argument("--moving-labels", help="moving label map (NIfTI)")
@@ -363,7 +374,7 @@ def build_parser():
     train.set_defaults(interrupted="interrupted; rerun the same command to resume")
 
     evaluate = command("evaluate", cmd_evaluate, "evaluate a model on a folder of pairs at full resolution",
-                       "tfmlreg evaluate --model saved_models/demo --data phantoms/ --out eval/")
+                       "tfmlreg evaluate --model runs/demo/model.keras --data phantoms/ --out eval/")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     evaluate.add_argument("--data", required=True, help="folder of pairs (see tfmlreg.data.io)")
     evaluate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -402,7 +413,7 @@ def build_parser():
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     export = command("export", cmd_export, "export a trained model for TF Serving, ONNX or TF-TRT",
-                     "tfmlreg export --model runs/demo/model.keras --out saved_models/demo --version 2\n"
+                     "tfmlreg export --model runs/demo/model.keras --out saved_models/mine --version 2\n"
                      " tfmlreg export --model runs/demo/model.keras --out model.onnx --format onnx")
     export.add_argument("--model", required=True, help="trained .keras model")
     export.add_argument("--out", required=True, help="model root (savedmodel), .onnx path, or folder")
@@ -435,7 +446,8 @@ def main(argv=None):
         return _report("terminated", None, debug, EXIT_TERMINATED)
     except Exception as error:  # noqa: BLE001  every error ends in one line (see the docstring)
         if isinstance(error, _input_errors()):
-            return _report(f"error: {_first_line(error)}", error, debug, EXIT_BAD_INPUT)
+            return _report(f"error: {_as_flags(_first_line(error), args)}", error, debug,
+                           EXIT_BAD_INPUT)
         if isinstance(error, _environment_errors()):
             return _report(f"error: {_describe(error)}", error, debug, EXIT_FAILURE)
         return _report(f"internal error: {type(error).__name__}: {_first_line(error)} (a bug: "
@@ -472,6 +484,21 @@ def _environment_errors():
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return tuple(kinds)
+
+
+# The library's errors name its arguments; a command's user gave flags. Where the two differ:
+# argument -> flag, used when the command has that flag.
+# (Not the label and landmark arguments: their errors name the files, e.g. fixed_landmarks.txt.)
+ARGUMENT_FLAGS = {"dirlab_case": "--dirlab-case", "target_spacing": "--spacing",
+                  "model_name": "--model-name"}
+
+
+def _as_flags(message, args):
+    """``message`` with the library's argument names replaced by this command's flags."""
+    for name, flag in ARGUMENT_FLAGS.items():
+        if hasattr(args, flag[2:].replace("-", "_")):
+            message = re.sub(rf"(?<![\w/.-]){name}(?![\w.-])", flag, message)
+    return message
 
 
 def _first_line(error):

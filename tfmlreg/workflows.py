@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-from tfmlreg import evaluation, metrics
+from tfmlreg import evaluation, metrics, models
 from tfmlreg.data import io, phantom
 from tfmlreg.data.checks import check_pair
 from tfmlreg.data.io import DataError
@@ -44,10 +44,17 @@ def _loading(path):
 NO_MODEL = "none"  # --model none: refinement alone, from zero
 
 
-def predictor_for(model_path, server=None, shape=None, precision="auto"):
+def predictor_for(model_path=None, server=None, shape=None, precision="auto", model_name=None):
     """A local predictor from ``model_path`` (its network in ``precision``, see
-    :func:`tfmlreg.inference.resolve_precision`), a remote one when ``server`` is given, or None
-    for ``model_path="none"`` (no network: the refinement starts from zero)."""
+    :func:`tfmlreg.inference.resolve_precision`; None: :func:`tfmlreg.models.default_model`),
+    a remote one when ``server`` (``HOST:PORT`` of TF Serving) is given, or None for
+    ``model_path="none"`` (no network: the refinement starts from zero).
+
+    Remote: ``model_name`` is the model's name on the server (default
+    :data:`tfmlreg.serving.DEFAULT_MODEL_NAME`) and ``shape`` its grid; without ``shape`` the
+    grid is read from the served signature (:meth:`tfmlreg.serving.RegistrationClient.grid`)."""
+    if server is None and model_path is None:
+        model_path = models.default_model()
     if server is None and str(model_path).lower() == NO_MODEL:
         return None
     if server is None:
@@ -56,8 +63,11 @@ def predictor_for(model_path, server=None, shape=None, precision="auto"):
         with _loading(model_path):
             return load_predictor(model_path, precision)
     if shape is None:
-        raise DataError("--shape: the model grid is needed with --server (e.g. --shape 160 160 160)")
-    return RemotePredictor(server, shape)
+        from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient
+
+        with RegistrationClient(server, model_name=model_name or DEFAULT_MODEL_NAME) as client:
+            shape = client.grid()
+    return RemotePredictor(server, shape, model_name=model_name)
 
 
 def load_keras_model(path):
@@ -77,15 +87,15 @@ def _check_zip(path):
                         "damaged or of another format)")
 
 
-def load_files(args):
-    """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from the register options: any
-    supported format, canonical orientation, the moving image in the fixed image's frame."""
-    pair = io.load_images(args.fixed, args.moving, fixed_labels=args.fixed_labels,
-                          moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
-                          moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
-                          name=os.path.basename(args.fixed))
-    check_pair(pair, {"fixed_landmarks": args.fixed_landmarks,
-                      "moving_landmarks": args.moving_landmarks})
+def load_files(fixed, moving, fixed_labels=None, moving_labels=None, fixed_landmarks=None,
+               moving_landmarks=None, dirlab_case=None):
+    """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from image, label and landmark
+    files: any supported format, canonical orientation, the moving image in the fixed image's
+    frame; every input checked (:func:`tfmlreg.data.checks.check_pair`)."""
+    pair = io.load_images(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                          fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks,
+                          dirlab_case=dirlab_case, name=os.path.basename(os.path.normpath(fixed)))
+    check_pair(pair, {"fixed_landmarks": fixed_landmarks, "moving_landmarks": moving_landmarks})
     return pair
 
 
@@ -221,8 +231,8 @@ def _append_failures(report, failures):
 
 
 def demo(model_path, out_dir, shape=(96, 96, 96), seed=1000, refine=None):
-    """Generate a phantom pair, register it with the shipped model (then ``refine``), write
-    outputs and metrics."""
+    """Generate a phantom pair, register it with ``model_path`` (None: the default model, see
+    :mod:`tfmlreg.models`), then ``refine``; write outputs and metrics into ``out_dir``."""
     predictor = predictor_for(model_path)
     pair = phantom.make_pair(shape=shape, seed=seed)
     case = phantom.as_case(pair, f"phantom{seed}")

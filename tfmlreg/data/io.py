@@ -332,7 +332,7 @@ def _load_stored(path, dirlab_case=None):
         return _load_simpleitk(path)
     if _is_dirlab(path, dirlab_case):
         if dirlab_case is None:
-            raise DataError(f"{path}: a DIR-LAB .img needs --dirlab-case 1-10 (it has no header)")
+            raise DataError(f"{path}: a DIR-LAB .img needs dirlab_case 1-10 (it has no header)")
         return read_dirlab_image(path, dirlab_case)[0], dirlab_affine(dirlab_case)
     data, affine, _ = _load_nifti(path)
     return data, affine
@@ -453,7 +453,7 @@ def read_displacement(path):
 def dirlab_geometry(case):
     """``((x, y, z) voxels, spacing (3,) mm)`` of DIR-LAB case 1–10."""
     if case not in DIRLAB_CASES:
-        raise DataError(f"--dirlab-case: expected 1-10, got {case}")
+        raise DataError(f"dirlab_case: expected 1-10, got {case}")
     size, in_plane = DIRLAB_CASES[case]
     return size, np.array([in_plane, in_plane, DIRLAB_SLICE_MM], np.float32)
 

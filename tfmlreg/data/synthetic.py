@@ -77,7 +77,7 @@ def resample_ct(image, spacing, target_spacing):
     spacing ``extent / shape``, so the new grid covers the same domain ``[0, n·h]``.
     """
     spacing = io.check_spacing(spacing, "spacing")
-    target = io.check_spacing(target_spacing, "--spacing")
+    target = io.check_spacing(target_spacing, "target_spacing")
     shape = np.maximum(np.rint(np.shape(image) * spacing / target), 2).astype(int)
     return pipeline.resample_image(image, spacing, tuple(shape))
 

@@ -1,0 +1,35 @@
+"""Models shipped inside the package (package data), found with :mod:`importlib.resources`.
+
+``demo/`` is the default model of ``tfmlreg demo``, ``register`` and ``evaluate``: a versioned
+SavedModel (``demo/1/``, the TF Serving layout) and ``demo/model.keras`` (the same network, for
+fine-tuning, reduced precision and ONNX export); its card is ``docs/DEMO_MODEL.md``. Shipping it
+as package data is what lets a plain (non-editable) ``pip install`` run ``tfmlreg demo``.
+
+The default model is, in this order: the ``TFMLREG_MODEL`` environment variable (a model path),
+else the shipped ``demo``. Importing this module does not import TensorFlow.
+"""
+
+import os
+from importlib import resources
+
+MODEL_VARIABLE = "TFMLREG_MODEL"
+DEFAULT = "demo"
+
+
+def shipped(name=DEFAULT):
+    """The folder of the shipped model ``name`` (a model root: ``1/`` and ``model.keras``)."""
+    root = resources.files(__name__).joinpath(name)
+    if not root.is_dir():
+        available = sorted(entry.name for entry in resources.files(__name__).iterdir()
+                           if entry.is_dir() and not entry.name.startswith(("_", ".")))
+        raise FileNotFoundError(f"model {name!r}: not shipped with tfmlreg (shipped: "
+                                f"{', '.join(available) or 'none'})")
+    # A SavedModel is loaded from the file system; an installed package is a folder of files
+    # (not a zip), so the traversable is a real path.
+    return os.fspath(root)
+
+
+def default_model():
+    """The model the commands use without ``--model``: ``$TFMLREG_MODEL`` if set, else the
+    shipped ``demo``."""
+    return os.environ.get(MODEL_VARIABLE) or shipped(DEFAULT)
