@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
+                                     prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
+from tfmlreg import models
 from tfmlreg.export import SIGNATURES, WARMUP_FILE, export_saved_model
 from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient, ServingError, channel_options
 from conftest import registration_model
@@ -40,12 +43,30 @@ class InProcessServingDouble(prediction_service_pb2_grpc.PredictionServiceServic
     def __init__(self, model_name, saved_model_dir):
         self.model_name = model_name
         self.loaded = tf.saved_model.load(str(saved_model_dir))
+        saved_model = saved_model_pb2.SavedModel()
+        saved_model.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+        self.signature_defs = saved_model.meta_graphs[0].signature_def
 
-    def Predict(self, request, context):
-        spec = request.model_spec
+    def _check_name(self, spec, context):
         if spec.name != self.model_name:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"Servable not found for request: Latest({spec.name})")
+
+    def GetModelMetadata(self, request, context):
+        """As TF Serving: the SavedModel's SignatureDefs packed in ``metadata["signature_def"]``."""
+        self._check_name(request.model_spec, context)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in self.signature_defs.items():
+            if not name.startswith("__"):  # TF Serving leaves out __saved_model_init_op
+                signatures.signature_def[name].CopyFrom(signature_def)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.CopyFrom(request.model_spec)
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+    def Predict(self, request, context):
+        spec = request.model_spec
+        self._check_name(spec, context)
         signature = self.loaded.signatures.get(spec.signature_name or "serving_default")
         if signature is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -217,6 +238,55 @@ def test_unknown_model_is_not_found(server):
     with RegistrationClient(server, model_name="no_such_model", timeout=10) as other:
         with pytest.raises(RuntimeError, match="model 'no_such_model'.*NOT_FOUND"):
             other.predict({"fixed": np.zeros((1, 1, 1, 1, 1), np.float32)})
+        with pytest.raises(ServingError, match="model 'no_such_model'.*NOT_FOUND"):
+            other.grid()
+
+
+def test_grid_comes_from_the_served_signature(client, server):
+    assert client.grid() == SHAPE
+    with RegistrationClient(server, model_name=MODEL_NAME, signature="register_refined") as refined:
+        assert refined.grid() == SHAPE
+    with RegistrationClient(server, model_name=MODEL_NAME, signature="nope") as other:
+        with pytest.raises(ServingError, match="signature 'nope': not served .signatures: "
+                                               "register_refined, serving_default"):
+            other.grid()
+
+
+def python_block_after(path, heading):
+    """The first ```python block after the line ``heading`` of a Markdown file."""
+    text = path.read_text()
+    rest = text[text.index(heading + "\n"):]
+    start = rest.index("```python\n") + len("```python\n")
+    return rest[start:rest.index("```", start)]
+
+
+def test_serving_readme_nifti_to_full_resolution_field(server, version_dir, tmp_path,
+                                                        monkeypatch):
+    """serving/README.md's Python path, as written but for the server's address: NIfTI files
+    through the server to full-resolution fields equal to local inference, written as NIfTI."""
+    from tfmlreg import workflows
+    from tfmlreg.data import io
+    from tfmlreg.inference import register_pair
+
+    fixed, moving, spacing = blocky_pair(1, seed=4)
+    shape = (48, 40, 36)  # not the model grid: register_pair resamples both ways
+    for name, image in (("exhale", fixed), ("inhale", moving)):
+        io.write_image(str(tmp_path / f"{name}.nii.gz"), image[0, :48, :40, :36, 0], (4.0, 4.5, 5.0))
+    block = python_block_after(SERVING_DIR / "README.md", "## 3. The client")
+    assert "gpu-host:8500" in block and f'model_name="{MODEL_NAME}"' in block
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block.replace("gpu-host:8500", server), "serving/README.md", "exec"), scope)
+    assert scope["predictor"].shape == SHAPE  # asked from the server
+    local = register_pair(workflows.predictor_for(str(version_dir), precision="float32"),
+                          scope["pair"])
+    np.testing.assert_allclose(scope["result"]["displacement"], local["displacement"], atol=1e-4)
+    assert np.abs(local["displacement"]).max() > 0.5
+    written, written_spacing = io.read_displacement("displacement.nii.gz")
+    assert written.shape == (*shape, 3) and np.allclose(written_spacing, (4.0, 4.5, 5.0))
+    np.testing.assert_allclose(written, scope["refined"]["displacement"], atol=1e-4)
+    assert not np.allclose(scope["refined"]["displacement"], scope["result"]["displacement"])
+    assert io.read_image("warped.nii.gz")[0].shape == shape
 
 
 def test_unreachable_server_is_a_connection_error():
@@ -262,6 +332,11 @@ def test_models_config_serves_the_clients_default_model():
     (model,) = config.model_config_list.config
     assert model.name == DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
     assert model.base_path == f"/models/{DEFAULT_MODEL_NAME}"
+    # what compose.yaml mounts there is the shipped model of that name
+    shipped = pathlib.Path(models.shipped(DEFAULT_MODEL_NAME))
+    assert (shipped / "1" / "saved_model.pb").is_file()
+    mount = f"../{shipped.relative_to(SERVING_DIR.parent).as_posix()}:{model.base_path}:ro"
+    assert mount in (SERVING_DIR / "compose.yaml").read_text()
 
 
 def test_cli_register_through_the_server_equals_local_inference(server, version_dir, tmp_path):
@@ -274,7 +349,8 @@ def test_cli_register_through_the_server_equals_local_inference(server, version_
         io.write_image(str(tmp_path / f"{name}.nii.gz"), image[0, ..., 0], spacing[0])
     common = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"),
               "--moving", str(tmp_path / "moving.nii.gz")]
-    assert main(common + ["--server", server, "--shape", *map(str, SHAPE),
+    # the grid comes from the server's metadata (no --shape)
+    assert main(common + ["--server", server, "--model-name", MODEL_NAME,
                           "--out", str(tmp_path / "remote")]) == 0
     assert main(common + ["--model", str(version_dir), "--out", str(tmp_path / "local")]) == 0
     def outputs(folder):

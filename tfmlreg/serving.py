@@ -1,11 +1,14 @@
 """gRPC client for a registration model behind TensorFlow Serving (see ``serving/README.md``).
 
     from tfmlreg.serving import RegistrationClient
-    with RegistrationClient("gpu-host:8500", model_name="mlvirnet") as client:
-        out = client.register(fixed, moving, spacing=(1.5, 1.5, 1.5))
+    with RegistrationClient("gpu-host:8500", model_name="demo") as client:
+        client.grid()  # (64, 64, 64): the served model's grid, from TF Serving's model metadata
+        out = client.register(fixed, moving, spacing=(5.0, 5.0, 5.0))
     out["displacement"]  # (D, H, W, 3) mm;  out["warped"]  # (D, H, W)
 
-Images must already be on the exported model's grid (e.g. 160³); the server answers a wrong size
+Images must already be on the exported model's grid (64³ for the shipped ``demo``; to register
+scans of any size, use :class:`tfmlreg.inference.RemotePredictor` with
+:func:`tfmlreg.inference.register_pair`, see ``serving/README.md``); the server answers a wrong size
 with INVALID_ARGUMENT naming the expected shape (likewise an empty batch or NaN values, naming the
 input), raised here as a one-line :class:`ServingError`; an unreachable or too slow server as a
 one-line ``ConnectionError``.
@@ -16,9 +19,9 @@ otherwise pull the full ``tensorflow`` wheel over ``tensorflow-cpu``).
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-DEFAULT_MODEL_NAME = "mlvirnet"  # as in serving/models.config
+DEFAULT_MODEL_NAME = "demo"  # the shipped model (tfmlreg.models), as in serving/models.config
 OUTPUTS = ("displacement", "warped")
 # A 160³ float32 pair is ~33 MB and its reply ~65 MB, far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -80,6 +83,34 @@ class RegistrationClient:
             "displacement": outputs["displacement"][0],
             "warped": outputs["warped"][0].reshape(np.shape(moving)),
         }
+
+    def grid(self):
+        """The served model's grid ``(D, H, W)``, read from the input ``fixed`` of its signature
+        (TF Serving's ``GetModelMetadata``, no inference run)."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = self.model_name
+        if self.version is not None:
+            request.model_spec.version.value = int(self.version)
+        request.metadata_field.append("signature_def")
+        try:
+            response = self._stub.GetModelMetadata(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        if "signature_def" not in response.metadata or not response.metadata[
+                "signature_def"].Unpack(signatures):
+            raise ServingError(f"TF Serving at {self.address}: model {self.model_name!r} sent no "
+                               "signature metadata")
+        where = f"TF Serving at {self.address}: model {self.model_name!r} signature {self.signature!r}"
+        if self.signature not in signatures.signature_def:
+            raise ServingError(f"{where}: not served (signatures: "
+                               f"{', '.join(sorted(signatures.signature_def)) or 'none'})")
+        inputs = signatures.signature_def[self.signature].inputs
+        dims = [dim.size for dim in inputs["fixed"].tensor_shape.dim] if "fixed" in inputs else []
+        if len(dims) != 5 or min(dims[1:4]) < 1:
+            raise ServingError(f"{where}: input 'fixed' of shape {dims or 'unknown'} is not "
+                               "(B, D, H, W, 1) with a fixed grid; is it a tfmlreg export?")
+        return tuple(int(n) for n in dims[1:4])
 
     def predict(self, inputs):
         """One ``Predict`` call: dict of NumPy arrays in, ``{"displacement", "warped"}`` out."""
