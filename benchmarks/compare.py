@@ -135,6 +135,11 @@ def accuracy(model, seeds):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def spread(values):
+    """`` (lowest–highest)`` over the rounds, when there are several: how steady the machine was."""
+    return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+
+
 CONFIGS = {  # name -> (runner, precision)
     "tfmlreg float32": ("tfmlreg", "float32"),
     "tfmlreg bfloat16": ("tfmlreg", "bfloat16"),
@@ -184,8 +189,8 @@ def main():
     print("| size | " + " | ".join(CONFIGS) + " | tfmlreg f32 / VXM f32 | tfmlreg bf16 / VXM f32 |")
     print("|---" * (len(CONFIGS) + 3) + "|")
     for n in args.sizes:
-        cells = [f"{statistics.median(times[name, n]):.2f} s, {max(peaks[name, n]):.2f} GiB"
-                 for name in CONFIGS]
+        cells = [f"{statistics.median(times[name, n]):.2f} s{spread(times[name, n])}, "
+                 f"{max(peaks[name, n]):.2f} GiB" for name in CONFIGS]
         reference = statistics.median(times["VoxelMorph float32", n])
         ratios = [statistics.median(times[name, n]) / reference
                   for name in ("tfmlreg float32", "tfmlreg bfloat16")]
