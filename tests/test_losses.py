@@ -92,6 +92,17 @@ def test_curvature_of_x0_squared_is_two_and_affine_is_zero():
     np.testing.assert_allclose(losses.curvature(affine[None].astype(np.float32), h), [0.0], atol=1e-6)
 
 
+def test_folding_penalty_acts_only_below_the_threshold_on_det():
+    shape, h = (10, 9, 8), np.array([1.0, 2.0, 1.5])
+    x = cell_centres(shape, h)
+    # y = A x: det(I + ∇u) = det(A) everywhere (affine, so central differences are exact)
+    for a, expected in ((np.diag([0.5, 1.0, 0.8]), 0.0),  # compression, det 0.4: no penalty
+                        (np.diag([-0.5, 1.0, 1.0]), (0.1 + 0.5) ** 2),  # folded, det -0.5
+                        (np.diag([0.25, 0.2, 1.0]), (0.1 - 0.05) ** 2)):  # about to fold
+        u = (x @ a.T - x)[None].astype(np.float32)
+        np.testing.assert_allclose(losses.folding(u, h), [expected], rtol=1e-4, atol=1e-7)
+
+
 def test_curvature_scales_with_anisotropic_spacing_as_the_formula_says():
     # u_0 = i² in voxel indices: Δu_0 = 2 / h_0² mm⁻¹, so S = 2 / h_0⁴ whatever h_1 and h_2 are.
     shape = (10, 8, 8)

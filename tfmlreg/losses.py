@@ -134,6 +134,23 @@ def curvature(displacement, spacing):
     return 0.5 * ops.sum(_voxel_mean(ops.square(laplacian)), axis=-1)
 
 
+def folding(displacement, spacing, threshold=0.1):
+    """Folding penalty per sample, ``(B,)``: ``mean_x max(0, t − det(I + ∇u))²`` (dimensionless).
+
+    ``det(I + ∇u)`` with central differences on interior voxels (as in :func:`curvature`); zero
+    wherever the local volume change stays above ``threshold``, so it only acts where ``y`` is
+    about to fold (``det <= 0``), not on ordinary compression.
+    """
+    displacement, dims = _prepare(displacement, "displacement")
+    spacing = as_spacing(spacing, ops.shape(displacement)[0])
+    grad = _gradient(displacement, dims, spacing)  # grad[k][..., c] = ∂u_c/∂x_k
+    jac = [[grad[k][..., c] + (1.0 if c == k else 0.0) for k in range(3)] for c in range(3)]
+    det = (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+           - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+           + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
+    return ops.mean(ops.square(ops.relu(threshold - det)), axis=(1, 2, 3))
+
+
 def mask_distance(fixed_onehot, warped_onehot):
     """Mask term per sample, ``(B,)``: ``mean_{x,k} (b_F,k(x) − b_M,k(y(x)))²`` (dimensionless).
 
