@@ -162,3 +162,21 @@ def test_saved_model_without_compiled_geometry_has_no_xla(model, tmp_path, input
     signature = tf.saved_model.load(plain).signatures["serving_default"]
     outputs = signature(**{name: tf.constant(value) for name, value in inputs.items()})
     np.testing.assert_allclose(outputs["displacement"], expected["displacement"], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_precision_that_the_machine_lacks_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from tfmlreg.cli import main
+    from tfmlreg.data import io
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    image = np.full((32, 32, 32), -1000.0, np.float32)
+    image[8:24, 8:24, 8:24] = 40.0
+    for name in ("fixed", "moving"):
+        io.write_image(str(tmp_path / f"{name}.nii.gz"), image, (2.0, 2.0, 2.0))
+    code = main(["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving",
+                 str(tmp_path / "moving.nii.gz"), "--out", str(tmp_path / "out"),
+                 "--precision", "float16", "--no-refine"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "precision: float16 needs a GPU" in err
+    assert not (tmp_path / "out").exists()
