@@ -21,7 +21,7 @@ from refine import phantom_cases  # noqa: E402  (the benchmark's own case makers
 
 DEFAULT_VARY = ["alpha=0.1,0.25,0.5,1,2", "learning_rate=0.2,0.4,0.8",
                 "iterations=30,60,100", "control_factor=1,2,4", "epsilon=0.003,0.01,0.03",
-                "finest_spacing_mm=1.5,2.5,3.5"]
+                "finest_spacing_mm=1.5,2.5,3.5", "iteration_growth=1,2,3", "folding=0,1,10"]
 
 
 def parse_vary(items):

@@ -146,7 +146,9 @@ def _refine_config(args):
         return None
     refinement = _load("tfmlreg.refinement")
     settings = {key: value for key, value in (("iterations", args.refine_iterations),
-                                              ("alpha", args.alpha), ("epsilon", args.epsilon))
+                                              ("alpha", args.alpha), ("epsilon", args.epsilon),
+                                              ("folding", args.folding),
+                                              ("finest_spacing_mm", args.refine_spacing))
                 if value is not None}
     try:
         return refinement.RefineConfig(**settings)
@@ -167,8 +169,14 @@ def add_refine_options(parser):
     group.add_argument("--no-refine", action="store_true",
                        help="the network alone, no refinement")
     group.add_argument("--refine-iterations", type=int, metavar="N",
-                       help="Adam steps per level, at most (default 60)")
+                       help="Adam steps on the finest level, at most (default 60; each coarser "
+                            "level up to twice as many)")
+    group.add_argument("--refine-spacing", type=float, metavar="MM",
+                       help="spacing of the finest refinement grid, no finer than the image's "
+                            "(default 1.5)")
     group.add_argument("--alpha", type=float, help="curvature weight (default 4)")
+    group.add_argument("--folding", type=float, help="folding penalty weight (default 10; 0: the "
+                                                     "paper's NGF + alpha*curvature alone)")
     group.add_argument("--epsilon", type=float, help="NGF edge noise level (default 0.01)")
 
 
