@@ -49,17 +49,28 @@ def write_pair(image, spacing, folder):
     return pair
 
 
-def time_register(folder, model, run):
+def time_register(folder, model, run, options=()):
     out = os.path.join(folder, f"out{run}")
     command = [sys.executable, "-m", "tfmlreg.cli", "register", "--fixed",
                os.path.join(folder, "fixed.nii.gz"), "--moving", os.path.join(folder, "moving.nii.gz"),
-               "--out", out, "--model", model]
+               "--out", out, "--model", model, *options]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     seconds = time.perf_counter() - start
     with open(os.path.join(out, "metrics.json")) as handle:
         metrics = json.load(handle)
-    return seconds, metrics["registered"]
+    return seconds, metrics["registered"], os.path.join(out, "displacement.nii.gz")
+
+
+def tre(pair, field):
+    """Mean landmark error (mm) of a displacement array or of the written ITK field file."""
+    from tfmlreg import evaluation
+
+    if isinstance(field, str):
+        from tfmlreg.data import io
+
+        field = io.read_displacement(field)[0]
+    return evaluation.evaluate_displacement(pair, field)["tre_mean"]
 
 
 def main():
@@ -69,6 +80,8 @@ def main():
     parser.add_argument("--spacing", type=float, default=1.5)
     parser.add_argument("--size", type=int, nargs=3, default=(120, 100, 110))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--options", default="",
+                        help='more `tfmlreg register` options, e.g. "--refine-spacing 2"')
     parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "demo"))
     args = parser.parse_args()
 
@@ -80,13 +93,16 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         pair = write_pair(image, spacing, folder)
         for run in range(args.repeats):
-            seconds, registered = time_register(folder, args.model, run)
+            seconds, registered, field = time_register(folder, args.model, run,
+                                                       args.options.split())
             register.append(seconds)
             refinement.append(registered.get("seconds_refinement", float("nan")))
             result = elastix_register(pair["fixed"], pair["moving"], spacing)
             elastix.append(result["seconds"])
             print(f"run {run}: tfmlreg register {seconds:.1f} s (refinement "
-                  f"{refinement[-1]:.1f} s), elastix {result['seconds']:.1f} s", flush=True)
+                  f"{refinement[-1]:.1f} s, TRE {tre(pair, field):.2f} mm), elastix "
+                  f"{result['seconds']:.1f} s (TRE {tre(pair, result['displacement']):.2f} mm)",
+                  flush=True)
     ratio = np.median(register) / np.median(elastix)
     print(f"median: tfmlreg register {np.median(register):.1f} s, refinement "
           f"{np.median(refinement):.1f} s, elastix {np.median(elastix):.1f} s; ratio {ratio:.2f}")

@@ -99,18 +99,6 @@ def test_compiled_step_is_traced_once_per_shape_and_results_are_deterministic(ct
     assert not np.array_equal(first["displacement"], second["displacement"])
 
 
-def test_compile_ahead_compiles_each_level_once_for_refine(ct):
-    image = ct[0][:40, 4:40, 2:38]  # a shape no other test uses
-    fixed, moving = image, np.roll(image, 1, axis=2)
-    settings = dict(levels=2, iterations=3, tolerance=0)
-    traces = refinement.compiled_step.experimental_get_tracing_count()
-    refinement.compile_ahead(fixed.shape, moving.shape, ct[1], **settings)
-    refinement.compile_ahead(fixed.shape, moving.shape, ct[1], **settings)  # no second start
-    result = refinement.refine(fixed, moving, ct[1], **settings)
-    assert refinement.compiled_step.experimental_get_tracing_count() == traces + 2
-    assert result["steps"] == [6, 3]  # the coarser level may take twice the steps
-
-
 @pytest.mark.parametrize("grid", ["finer", "shorter"])
 def test_moving_on_its_own_grid(ct, grid):
     """A moving image of another size or spacing in the same mm frame gives the same answer."""

@@ -173,7 +173,7 @@ def add_refine_options(parser):
                             "level up to twice as many)")
     group.add_argument("--refine-spacing", type=float, metavar="MM",
                        help="spacing of the finest refinement grid, no finer than the image's "
-                            "(default 1.5)")
+                            "(default 2)")
     group.add_argument("--alpha", type=float, help="curvature weight (default 4)")
     group.add_argument("--folding", type=float, help="folding penalty weight (default 10; 0: the "
                                                      "paper's NGF + alpha*curvature alone)")

@@ -172,9 +172,6 @@ def register_pair(predictor, pair, refine=None, progress=False):
         raise ValueError("model: with no network, refinement must be on")
     result = {"seconds_network": 0.0, "seconds_refinement": 0.0}
     displacement = None
-    if refine is not None:  # the refinement's XLA compilation overlaps the network
-        refinement.compile_ahead(np.shape(pair["fixed"]), np.shape(pair["moving"]),
-                                 pair["spacing_fixed"], pair["spacing_moving"], config=refine)
     if predictor is not None:
         displacement, result["seconds_network"] = _network_field(predictor, pair)
     if refine is not None:

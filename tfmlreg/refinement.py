@@ -32,7 +32,6 @@ and on real CTs with synthetic breathing).
 """
 
 import dataclasses
-import threading
 import time
 
 import numpy as np
@@ -63,7 +62,7 @@ class RefineConfig:
     folding: float = 10.0  # weight of the folding penalty (losses.folding), finest level only
     epsilon: float = 0.01  # NGF edge noise level, window-normalised intensity per mm
     learning_rate: float = 0.4  # mm per Adam step at the finest level (doubles per coarser level)
-    finest_spacing_mm: float | None = 1.5  # None: the finest level is the fixed image's own grid
+    finest_spacing_mm: float | None = 2.0  # None: the finest level is the fixed image's own grid
     max_voxels: int = 1_000_000  # cap on the finest level's cells (memory and time)
     control_factor: int = 2  # level cells per control-grid cell, per axis
     tolerance: float = 1e-4  # relative loss improvement over `patience` steps that ends a level
@@ -204,67 +203,6 @@ def _adam_step(control, m, v, step, learning_rate, alpha, epsilon, fold, level):
 compiled_step = tf.function(_adam_step, jit_compile=True)
 
 
-# --- compiling ahead ------------------------------------------------------------------------------
-# XLA compiles the step once per level shape, about 1 s each on 2 cores: as long as the whole
-# optimisation. :func:`compile_ahead` starts those compilations in background threads (XLA's
-# compiler runs outside the GIL), so they overlap the network's inference and the coarser
-# levels' steps; a level waits only for its own step.
-
-_ahead = {}  # level signature -> threading.Event, set once that step is compiled
-_ahead_lock = threading.Lock()
-
-
-def _signature(level):
-    return tuple((key, tuple(level[key].shape)) for key in sorted(level))
-
-
-def compile_ahead(fixed_shape, moving_shape, spacing_fixed, spacing_moving=None, masked=False,
-                  config=None, **settings):
-    """Compile, in background threads, the step of every level :func:`refine` will run for a
-    pair of these grids (shapes ``(D, H, W)``, spacings in mm; ``masked``: a ``mask`` will be
-    given). Returns at once; compiling twice is never done. Coarsest level first."""
-    config = dataclasses.replace(config or RefineConfig(), **settings)
-    spacing_moving = spacing_fixed if spacing_moving is None else spacing_moving
-    spacing_fixed = np.asarray(spacing_fixed, np.float32).reshape(1, 3)
-    spacing_moving = np.asarray(spacing_moving, np.float32).reshape(1, 3)
-    ratio = _moving_extent_ratio(fixed_shape, moving_shape, spacing_fixed, spacing_moving)
-    shapes = level_shapes(fixed_shape, spacing_fixed[0], config)
-    for index in range(len(shapes) - 1, -1, -1):
-        level = _placeholder_level(shapes[index],
-                                   moving_level_shape(moving_shape, ratio, shapes[index]), masked)
-        with _ahead_lock:
-            if _signature(level) in _ahead:
-                continue
-            done = _ahead[_signature(level)] = threading.Event()
-        control = ops.zeros((1, *control_shape(shapes[index], config), 3), geometry.FLOAT)
-        threading.Thread(target=_compile_level, args=(control, level, done), daemon=True).start()
-
-
-def _placeholder_level(shape, moving_shape, masked):
-    """Zeros with the shapes and structure of a level from :func:`_prepare_level`."""
-    zeros = lambda dims, channels: ops.zeros((1, *dims, channels), geometry.FLOAT)  # noqa: E731
-    level = {"fixed": zeros(shape, 1), "moving": zeros(moving_shape, 1), "offset": zeros(shape, 3),
-             "spacing": ops.ones((1, 3)), "moving_spacing": ops.ones((1, 3))}
-    if masked:
-        level["weights"] = zeros(shape, 1)
-    return level
-
-
-def _compile_level(control, level, done):
-    try:
-        one = tf.constant(1.0)
-        compiled_step(control, control, control, one, one, one, one, one, level)[3].numpy()
-    finally:
-        done.set()  # on failure too: the level then compiles (and reports) in the caller
-
-
-def _wait_compiled(level):
-    with _ahead_lock:
-        done = _ahead.get(_signature(level))
-    if done is not None:
-        done.wait()
-
-
 # --- levels -------------------------------------------------------------------------------------
 
 
@@ -272,7 +210,7 @@ def _prepare_level(images, level_shape, delta):
     """Tensors of one level: images, spacings, and the fixed part of the field (``initial`` plus
     the coarser levels' increments) as ``offset``; ``increments`` alone as well."""
     spacing = images["spacing_fixed"] * _as_row(_ratio(images["fixed_shape"], level_shape))
-    moving_shape = moving_level_shape(images["moving_shape"], images["moving_extent_ratio"],
+    moving_shape = _moving_level_shape(images["moving_shape"], images["moving_extent_ratio"],
                                       level_shape)
     moving_spacing = images["spacing_moving"] * _as_row(_ratio(images["moving_shape"], moving_shape))
     field, field_spacing = delta
@@ -288,7 +226,7 @@ def _prepare_level(images, level_shape, delta):
     return level, increments
 
 
-def moving_level_shape(moving_shape, extent_ratio, level_shape):
+def _moving_level_shape(moving_shape, extent_ratio, level_shape):
     """The moving image keeps its own grid unless the level is at least 2× coarser along an axis:
     resampling it to nearly its own resolution would only blur it (an interpolation of an
     interpolation), which flattens the similarity measure without saving time (sampling costs
@@ -397,8 +335,6 @@ def refine(fixed, moving, spacing_fixed, spacing_moving=None, initial=None, mask
                      None if mask is None else _batched(mask, "mask"), config)
     shapes = level_shapes(images["fixed_shape"], ops.convert_to_numpy(images["spacing_fixed"])[0],
                           config)
-    compile_ahead(images["fixed_shape"], images["moving_shape"], spacing_fixed, spacing_moving,
-                  mask is not None, config)
     bar = _progress_bar(config, len(shapes)) if progress else None
     images, delta, losses_seen, start_from = _coarsest_level(images, shapes, config, bar)
     history, steps = [losses_seen], [len(losses_seen)]
@@ -471,7 +407,6 @@ def _run_level(level, shape, config, index, bar):
                  (_level_rate(config, index), config.alpha, config.epsilon,
                   _level_folding(config, index))]
     best, best_loss, seen = control, np.inf, []
-    _wait_compiled(level)
     for step in range(1, level_iterations(config, index) + 1):
         new, m, v, loss = compiled_step(control, m, v, tf.constant(step, tf.float32),
                                         *constants, level)
