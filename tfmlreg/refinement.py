@@ -3,8 +3,9 @@
 The network gives a displacement in one shot; :func:`refine` then minimises the same objective the
 network was trained on, ``NGF(F, M∘y) + α·S(u)`` (:mod:`tfmlreg.losses`), for this pair alone,
 coarse to fine, starting from the network's field (or from zero: the conventional multilevel
-NGF + curvature scheme the paper transfers to deep learning). See docs/DESIGN.md, "The accurate
-path".
+NGF + curvature scheme the paper transfers to deep learning). On the finest level a folding
+penalty ``folding·P(u)`` (:func:`tfmlreg.losses.folding`, zero unless ``det(I + ∇u) < 0.1``) is
+added; ``folding=0`` is the paper's objective alone. See docs/DESIGN.md, "The accurate path".
 
 How it works, and why:
 
@@ -378,8 +379,9 @@ def _coarsest_level(images, shapes, config, bar):
 
 def objective(fixed, moving, spacing_fixed, displacement, spacing_moving=None, config=None,
               **settings):
-    """The finest level's ``NGF + α·S`` (what :func:`refine` minimises last) of a full-resolution
-    ``displacement (D, H, W, 3)``: compares fields, e.g. the network's with the refined one."""
+    """The finest level's ``NGF + α·S + folding·P`` (what :func:`refine` minimises last) of a
+    full-resolution ``displacement (D, H, W, 3)``: compares fields, e.g. the network's with the
+    refined one."""
     config = dataclasses.replace(config or RefineConfig(), **settings)
     spacing_moving = spacing_fixed if spacing_moving is None else spacing_moving
     images = _inputs(_batched(fixed, "fixed"), _batched(moving, "moving"),
