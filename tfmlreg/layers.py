@@ -43,8 +43,9 @@ def plain_geometry():
         _plain.on = previous
 
 
-def _xla(function):
-    """``function`` as an XLA-compiled ``tf.function`` while :func:`geometry_compiled`."""
+def xla_compiled(function):
+    """``function`` as an XLA-compiled ``tf.function`` while :func:`geometry_compiled` (the one
+    wrapper for every geometry-heavy function: model layers, metrics, synthetic motion)."""
     compiled = None
 
     @functools.wraps(function)
@@ -61,10 +62,11 @@ def _xla(function):
     return call
 
 
-warp = _xla(geometry.warp)
-compose = _xla(geometry.compose)
-resample_displacement = _xla(geometry.resample_displacement)
-resample = _xla(geometry.resample)
+warp = xla_compiled(geometry.warp)
+compose = xla_compiled(geometry.compose)
+resample_displacement = xla_compiled(geometry.resample_displacement)
+resample = xla_compiled(geometry.resample)
+sample = xla_compiled(geometry.sample)
 
 
 class _Float32Layer(keras.layers.Layer):

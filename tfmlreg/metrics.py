@@ -10,11 +10,11 @@ scales with the volume is done in slabs along axis 0, so a 512×512×136 field n
 than a few full-size float32 arrays (the field, the result, the moving one-hot maps).
 """
 
-import keras
 import numpy as np
 from keras import ops
 
 from tfmlreg import geometry
+from tfmlreg.layers import xla_compiled
 
 __all__ = [
     "jacobian_determinant",
@@ -157,16 +157,7 @@ def _most_probable(onehot, displacement, spacing, offset, moving_spacing):
     return best
 
 
-def _xla(fn):
-    """``fn`` compiled with XLA under the TensorFlow backend (the warp is ~8x faster), else as is."""
-    if keras.backend.backend() != "tensorflow":
-        return fn
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True)
-
-
-_most_probable_compiled = _xla(_most_probable)
+_most_probable_compiled = xla_compiled(_most_probable)  # the warp is ~8x faster compiled
 
 
 def warp_labels(labels, displacement, spacing):

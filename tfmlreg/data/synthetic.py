@@ -37,13 +37,12 @@ import os
 import zlib
 from dataclasses import dataclass
 
-import keras
 import nibabel as nib
 import numpy as np
 from keras import ops
 from scipy import ndimage as ndi
 
-from tfmlreg import geometry, metrics
+from tfmlreg import geometry, layers, metrics
 from tfmlreg.data import io, pipeline
 
 LUNG_HU = -400.0  # air and lung parenchyma lie below
@@ -315,20 +314,7 @@ def _profiles(lungs, spacing, fade_below_mm):
     return height, anterior, lateral
 
 
-# --- sampling (XLA-compiled geometry) -------------------------------------------------------
-
-
-def _xla(fn):
-    """``fn`` compiled with XLA under the TensorFlow backend (sampling is several times faster)."""
-    if keras.backend.backend() != "tensorflow":
-        return fn
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True)
-
-
-_sample_compiled = _xla(geometry.sample)
-_resample_compiled = _xla(geometry.resample)
+# --- sampling (XLA-compiled geometry: tfmlreg.layers) ------------------------------------
 
 
 def _grid(shape, spacing):
@@ -339,7 +325,7 @@ def _sample(volume, points, spacing, fill_value=None):
     """Trilinear values of an unbatched ``volume (D, H, W[, C])`` at ``points (..., 3)`` mm."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
-    values = ops.convert_to_numpy(_sample_compiled(
+    values = ops.convert_to_numpy(layers.sample(
         channels[None], np.asarray(points, np.float32)[None], np.asarray(spacing, np.float32),
         fill_value))[0]
     return values[..., 0] if volume.ndim == 3 else values
@@ -358,7 +344,7 @@ def _smooth_noise(shape, spacing, rng, control_mm=50.0):
     zoom = [m / c for m, c in zip(middle, coarse)]
     smooth = np.stack([ndi.zoom(values[..., c], zoom, order=3, mode="nearest", grid_mode=True)
                        for c in range(3)], axis=-1)
-    return ops.convert_to_numpy(_resample_compiled(
+    return ops.convert_to_numpy(layers.resample(
         smooth[None].astype(np.float32), geometry.as_spacing(extent / np.asarray(middle), 1), shape))[0]
 
 
@@ -451,10 +437,10 @@ def _differences(v, spacing):
     return out
 
 
-_mismatch_compiled = _xla(_mismatch)
+_mismatch_compiled = layers.xla_compiled(_mismatch)
 
 
-@_xla
+@layers.xla_compiled
 def _newton_step(u, v, spacing):
     """One Newton step on ``F(v) = v + u(z + v) = 0``, and its largest change.
 
@@ -492,8 +478,8 @@ def _inverse(field, spacing, iterations, tolerance_mm, coarsest):
         coarse_shape = tuple((n + 1) // 2 for n in shape)
         ratio = np.divide(shape, coarse_shape, dtype=np.float32)
         coarse_spacing = spacing * ops.convert_to_tensor(ratio)
-        coarse = _resample_compiled(field, spacing, coarse_shape)
-        v = _resample_compiled(_inverse(coarse, coarse_spacing, iterations, tolerance_mm, coarsest),
+        coarse = layers.resample(field, spacing, coarse_shape)
+        v = layers.resample(_inverse(coarse, coarse_spacing, iterations, tolerance_mm, coarsest),
                                coarse_spacing, shape)
     else:
         v = -field
@@ -513,7 +499,7 @@ def _inverse(field, spacing, iterations, tolerance_mm, coarsest):
     return v
 
 
-@_xla
+@layers.xla_compiled
 def _fixed_point_step(u, v, spacing):
     """One step of ``v ← -u(z + v)``, and its largest change."""
     update = v - _mismatch(u, v, spacing)
