@@ -43,10 +43,12 @@ sys.path.insert(0, HERE)
 from model import run as run_tfmlreg  # noqa: E402  (benchmarks/model.py)
 
 VOXELMORPH_CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys
 import numpy as np, torch
 import voxelmorph as vxm
 n, repeats, threads, precision = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, sys.argv[5])
+from _timing import median_seconds
 torch.set_num_threads(threads)
 model = vxm.nn.models.VxmPairwise(ndim=3, source_channels=1, target_channels=1).eval()
 rng = np.random.default_rng(0)
@@ -58,13 +60,8 @@ def once():
         field, warped = model(source, target, return_warped_source=True)
     return float(field.float().abs().max()) + float(warped.float().abs().max())
 
-once()
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    once()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"seconds": float(np.median(times)),
+seconds = median_seconds(once, repeats)
+print(json.dumps({"seconds": seconds,
                   "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -120,7 +117,7 @@ def ensure_voxelmorph():
 
 def run_voxelmorph(python, size, repeats, threads, precision):
     result = subprocess.run([python, "-c", VOXELMORPH_CHILD, str(size), str(repeats), str(threads),
-                             precision], capture_output=True, text=True)
+                             precision, HERE], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"voxelmorph {size}^3: child failed: {result.stderr[-2000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
