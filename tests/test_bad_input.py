@@ -17,11 +17,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_inputs, registration_model
-from tfmlreg import export, output, workflows
+from tfmlreg import commands, export, geometry, losses, metrics, output, serving
 from tfmlreg.cli import main
-from tfmlreg.data import checks, io
+from tfmlreg.data import checks, io, phantom
 from tfmlreg.export import export_saved_model
 from tfmlreg.figures import save_overlays
+from tfmlreg.interface import SIGNATURE
 
 GRID = (16, 16, 16)
 FIXED_SHAPE, MOVING_SHAPE = (24, 24, 20), (20, 28, 16)
@@ -117,9 +118,9 @@ def test_overlay_before_panel_is_the_moving_image_on_the_fixed_grid(tmp_path, mo
     pair = {"name": "p", "fixed": blob(FIXED_SHAPE), "moving": blob(MOVING_SHAPE),
             "spacing_fixed": np.float32(SPACING), "spacing_moving": np.float32((2.4, 1.7, 3.125))}
     shown = {}
-    monkeypatch.setattr(workflows, "save_overlays",
+    monkeypatch.setattr(commands, "save_overlays",
                         lambda path, fixed, panels, spacing, **options: shown.update(panels))
-    workflows.save_overlay(str(tmp_path / "o.png"), pair, pair["fixed"])
+    commands.save_overlay(str(tmp_path / "o.png"), pair, pair["fixed"])
     assert shown["before"].shape == FIXED_SHAPE
     # same physical extent (48 x 47.6 x 50 mm vs 48 x 48 x 50 mm): the centres agree
     assert shown["before"][12, 12, 10] == pytest.approx(40.0, abs=60)
@@ -298,7 +299,7 @@ class NaNPredictor:
 ])
 def test_non_finite_displacement_is_an_error_not_a_result(refine, message, inputs, tmp_path,
                                                           capsys, monkeypatch):
-    monkeypatch.setattr(workflows, "predictor_for", lambda *args, **kwargs: NaNPredictor())
+    monkeypatch.setattr(commands, "load_predictor", lambda *args, **kwargs: NaNPredictor())
     out = tmp_path / "out"
     code = main(register("unused", out, inputs["fixed"], inputs["moving"], refine))
     err = one_line_error(capsys)
@@ -311,9 +312,9 @@ def test_unexpected_exception_is_an_internal_error(error, inputs, tmp_path, caps
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(workflows, "register_and_write", broken)
+    monkeypatch.setattr(commands, "register_and_write", broken)
     argv = register("unused", tmp_path / "out", inputs["fixed"], inputs["moving"])
-    monkeypatch.setattr(workflows, "predictor_for", lambda *args, **kwargs: NaNPredictor())
+    monkeypatch.setattr(commands, "load_predictor", lambda *args, **kwargs: NaNPredictor())
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("tfmlreg: internal error: ")
@@ -442,6 +443,49 @@ def test_help_answers_without_importing_tensorflow():
 # --- the readers and the pair checks ----------------------------------------------------------------
 
 
+BAD_SPACINGS = [0.0, -1.0, (1.0, 0.0, 1.0), (1.0, np.nan, 1.0), (np.inf, 1.0, 1.0)]
+
+
+@pytest.mark.parametrize("spacing", BAD_SPACINGS)
+def test_one_spacing_rule_numpy_and_keras_ops(spacing):
+    message = "^voxel_size: spacing must be positive finite voxel sizes in mm"
+    with pytest.raises(ValueError, match=message):
+        geometry.check_spacing(spacing, "voxel_size")
+    with pytest.raises(ValueError, match=message):
+        geometry.check_spacing(spacing, "voxel_size", batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        geometry.as_spacing(spacing, 1, name="voxel_size")
+    with pytest.raises(ValueError, match=message):
+        geometry.as_spacing(tf.constant(np.broadcast_to(spacing, (3,)), tf.float32), name="voxel_size")
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: metrics.jacobian_determinant(np.zeros((4, 4, 4, 3)), s),
+    lambda s: geometry.warp(np.zeros((1, 4, 4, 4, 1)), np.zeros((1, 4, 4, 4, 3)), s),
+    lambda s: losses.Curvature(spacing=s),
+    lambda s: serving.spacing_batch(s, 1),
+    lambda s: phantom.make_pair((16, 16, 16), s),
+])
+def test_every_spacing_argument_follows_the_rule(call):
+    with pytest.raises(ValueError, match="^spacing: spacing must be positive finite voxel sizes in mm"):
+        call((1.0, -2.0, 1.0))
+
+
+def test_spacing_checkers_accept_the_forms_they_document():
+    np.testing.assert_array_equal(geometry.check_spacing(2.0), [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(geometry.check_spacing((1, 2, 3), batch_size=2), [[1, 2, 3]] * 2)
+    with pytest.raises(ValueError, match=r"^spacing: expected a scalar, \(3,\) or \(2, 3\) in mm"):
+        geometry.check_spacing(np.ones((3, 3)), batch_size=2)
+    with pytest.raises(ValueError, match="^spacing: expected a scalar or 3 voxel sizes in mm"):
+        geometry.check_spacing((1.0, 2.0))
+
+    @tf.function
+    def traced(spacing):  # a symbolic tensor's values are not known when traced: taken as it is
+        return geometry.as_spacing(spacing, 1)
+
+    np.testing.assert_array_equal(traced(tf.constant([1.0, 2.0, 3.0])), [[1.0, 2.0, 3.0]])
+
+
 @pytest.mark.parametrize("spacing", [(0.01, 1, 1), (1, 1, 25.0), (1, np.inf, 1), (0, 1, 1)])
 def test_check_spacing_refuses_implausible_voxel_sizes(spacing):
     with pytest.raises(io.DataError, match="^somefile: "):
@@ -470,7 +514,7 @@ def test_check_pair_accepts_landmarks_on_the_domain_boundary():
 @pytest.fixture(scope="module")
 def signature(model):
     loaded = tf.saved_model.load(os.path.join(model, "1"))
-    yield loaded.signatures["serving_default"]
+    yield loaded.signatures[SIGNATURE]
     del loaded
 
 

@@ -13,8 +13,7 @@ from tfmlreg.model import MultilevelRegistration
 
 
 def linear_pair(shape, spacing):
-    axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
-    x = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    x = geometry.grid_points_numpy(shape, spacing)
     image = (x @ np.array([1.0, -2.0, 0.5])).astype(np.float32)
     labels = (x[..., 0] > x[..., 0].mean()).astype(np.int16) + 1
     return {"fixed": image, "moving": image, "spacing_fixed": np.asarray(spacing, np.float32),
@@ -27,8 +26,7 @@ def test_network_grid_keeps_the_physical_extent():
     grid = pipeline.to_network_grid(pair, (8, 12, 6))
     np.testing.assert_allclose(grid["spacing"] * [8, 12, 6], [30.0, 30.0, 30.0], rtol=1e-6)
     # a linear image sampled at the new cell centres (inside) equals the function there
-    axes = [(np.arange(n) + 0.5) * h for n, h in zip((8, 12, 6), grid["spacing"])]
-    x = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    x = geometry.grid_points_numpy((8, 12, 6), grid["spacing"])
     expected = x @ np.array([1.0, -2.0, 0.5])
     inner = (slice(1, -1),) * 3
     np.testing.assert_allclose(grid["fixed"][inner], expected[inner], atol=0.6)

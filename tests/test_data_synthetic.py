@@ -261,7 +261,7 @@ def test_inverse_of_a_strongly_compressed_field_converges():
     30 mm on a 32³ grid met such fields, and diverging ones gave NaN images); the plain iteration
     takes over and the inverse is exact to 0.01 mm."""
     n, h = 16, 4.0
-    z = (np.arange(n) + 0.5) * h
+    z = geometry.cell_centres(np.arange(n), h)
     amplitude = 0.95 * n * h / (2 * np.pi)
     u = np.zeros((n, n, n, 3), np.float32)
     u[..., 2] = (amplitude * np.sin(2 * np.pi * z / (n * h)))[None, None, :]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tfmlreg import evaluation
+from tfmlreg import evaluation, geometry
 from tfmlreg.baselines import elastix_register
 from tfmlreg.data import phantom
 from tfmlreg.inference import register_pair
@@ -55,7 +55,7 @@ def test_report_has_tables_and_box_plot(case, tmp_path):
 
 
 def test_elastix_baseline_recovers_a_translation_in_mm():
-    x = np.stack(np.meshgrid(*[(np.arange(32) + 0.5) * 2.0] * 3, indexing="ij"), axis=-1)
+    x = geometry.grid_points_numpy((32, 32, 32), 2.0)
     translation = np.array([4.0, -3.0, 2.0])
 
     def blobs(shift):

@@ -12,12 +12,14 @@ import pytest
 import tensorflow as tf
 
 from tfmlreg import export
+from tfmlreg.ct import HU_WINDOW
 from tfmlreg.export import WARMUP_FILE, export_saved_model, synthetic_pair
+from tfmlreg.interface import SIGNATURE
 from conftest import random_inputs, registration_model
 
 SHAPE = (16, 16, 16)
 CPP_SOURCE = os.path.join(os.path.dirname(__file__), "cpp", "load_saved_model.cc")
-WINDOW_HU = 1200.0  # the model's default intensity window width: the scale of "warped"
+WINDOW_HU = HU_WINDOW[1] - HU_WINDOW[0]  # the model's default window width: the scale of "warped"
 TOL = 1e-5
 
 
@@ -44,7 +46,7 @@ def base_dir(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def signature(base_dir):
     loaded = tf.saved_model.load(str(base_dir / "1"))
-    yield loaded.signatures["serving_default"]
+    yield loaded.signatures[SIGNATURE]
     del loaded
 
 
@@ -89,7 +91,7 @@ def test_saved_model_cli_lists_the_interface(base_dir):
         command + ["show", "--dir", str(base_dir / "1"), "--all"],
         capture_output=True, text=True, check=True,
     ).stdout
-    serving = shown.split("signature_def['serving_default']")[1].split("Method name")[0]
+    serving = shown.split(f"signature_def['{SIGNATURE}']")[1].split("Method name")[0]
     for name in ("fixed", "moving", "spacing", "displacement", "warped"):
         assert f"['{name}']" in serving
     assert "displacement_level" not in serving  # per-level outputs stay inside
@@ -197,7 +199,7 @@ def read_tensor(path):
         return np.fromfile(file, "<f4").reshape(shape)
 
 
-def run_cpp(loader, saved_model_dir, inputs, tmp_path, signature="serving_default"):
+def run_cpp(loader, saved_model_dir, inputs, tmp_path, signature=SIGNATURE):
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
     out_dir.mkdir()

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from tfmlreg import refinement
-from tfmlreg.export import REFINED_SIGNATURE, WARMUP_FILE, export_saved_model
+from tfmlreg.export import WARMUP_FILE, export_saved_model
+from tfmlreg.interface import REFINED_SIGNATURE, SIGNATURE
 from conftest import random_inputs, registration_model
 from test_export import SHAPE, call, cpp_loader, run_cpp  # noqa: F401 (cpp_loader: a fixture)
 
@@ -52,7 +53,7 @@ def python_path(model, inputs):
 
 
 def test_both_signatures_are_exported(loaded):
-    assert set(loaded.signatures) >= {"serving_default", REFINED_SIGNATURE}
+    assert set(loaded.signatures) >= {SIGNATURE, REFINED_SIGNATURE}
     outputs = loaded.signatures[REFINED_SIGNATURE].structured_outputs
     assert sorted(outputs) == ["displacement", "warped"]
 

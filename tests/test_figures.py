@@ -5,7 +5,7 @@ and runtimes without the warm-up."""
 import numpy as np
 import pytest
 
-from tfmlreg import evaluation, figures
+from tfmlreg import evaluation, figures, geometry
 
 SHAPE = (12, 16, 20)
 SPACING = (2.0, 1.5, 1.0)
@@ -91,7 +91,7 @@ def test_what_the_warp_takes_from_outside_the_moving_scan_is_marked_not_drawn(tm
 
 
 def test_jacobian_panel_shows_the_volume_change(tmp_path, captured):
-    centres = (np.arange(SHAPE[2]) + 0.5) * SPACING[2]
+    centres = geometry.cell_centres(np.arange(SHAPE[2]), SPACING[2])
     displacement = np.zeros(SHAPE + (3,), np.float32)
     displacement[..., 2] = 0.25 * (centres - 10.0)  # a uniform 25 % stretch along axis 2
     figures.save_overlays(tmp_path / "j.png", volume(0), {"after": volume(1)}, SPACING,

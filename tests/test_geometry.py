@@ -14,8 +14,7 @@ TOL = 1e-4  # of the image range, the issue's bound
 
 
 def centres_mm(shape, spacing):
-    axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return geometry.grid_points_numpy(shape, spacing)
 
 
 def reference_sample(volume, points_mm, spacing, fill_value=None):
@@ -178,6 +177,16 @@ def test_spacing_forms_broadcast():
     assert tuple(geometry.as_spacing([1.0, 2.0, 3.0], 2).shape) == (2, 3)
     with pytest.raises(ValueError, match="spacing"):
         geometry.as_spacing(np.ones((2, 2, 3)))
+
+
+def test_grid_variants_agree_on_the_cell_centres():
+    spacing = np.array([1.1, 0.7, 2.3], np.float32)
+    keras_grid = np.asarray(geometry.grid_points((4, 5, 6), geometry.as_spacing(spacing, 1)))[0]
+    numpy_grid = geometry.grid_points_numpy((4, 5, 6), spacing, np.float32)
+    np.testing.assert_array_equal(numpy_grid, keras_grid)  # the same float32 values, bit for bit
+    np.testing.assert_allclose(numpy_grid[3, 1, 2], [3.5 * 1.1, 1.5 * 0.7, 2.5 * 2.3], rtol=1e-6)
+    box = geometry.grid_points_numpy((2, 2, 2), spacing, np.float32, start=(2, 3, 4))
+    np.testing.assert_array_equal(box, numpy_grid[2:4, 3:5, 4:6])
 
 
 def test_model_with_layers_survives_save_and_load(tmp_path, batch):

@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmlreg import losses
+from tfmlreg import geometry, losses
 
 SPACINGS = np.array([[1.0, 2.0, 0.5], [0.7, 1.3, 2.1]])  # per sample, anisotropic, mm
 
 
 def cell_centres(shape, spacing):
     """``(D, H, W, 3)`` float64 cell-centre coordinates in mm."""
-    axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return geometry.grid_points_numpy(shape, spacing)
 
 
 def smooth_image(shape, seed):

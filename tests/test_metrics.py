@@ -9,8 +9,7 @@ H = np.array([0.8, 1.5, 2.5])  # anisotropic spacing, mm
 
 
 def cell_centres(shape, spacing):
-    axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return geometry.grid_points_numpy(shape, spacing)
 
 
 A = np.array([[0.1, -0.3, 0.2], [0.05, -0.2, 0.4], [0.3, 0.1, 0.25]])

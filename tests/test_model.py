@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfmlreg import geometry
 from tfmlreg.model import MultilevelRegistration
 from tfmlreg.training import fit_progressive
 
@@ -17,7 +18,7 @@ SPACING = np.array([2.0, 2.0, 2.0], np.float32)
 
 def blob_image(n, shift_mm):
     """Four Gaussian blobs (HU) on an n³ grid of 2 mm, shifted by ``shift_mm``."""
-    x = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * 2.0] * 3, indexing="ij"), axis=-1)
+    x = geometry.grid_points_numpy((n, n, n), 2.0)
     image = np.full((n, n, n), -1000.0, np.float32)
     for centre in ([20, 24, 30], [40, 36, 28], [30, 44, 40], [26, 30, 46]):
         r2 = ((x - (np.asarray(centre) * n / 32 + shift_mm)) ** 2).sum(-1)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tfmlreg import workflows
+from tfmlreg import commands, geometry
 from tfmlreg.data import io
 from tfmlreg.data.io import DataError
 from tfmlreg.inference import warp_moving
@@ -196,7 +196,7 @@ def test_register_and_write_puts_every_output_on_the_fixed_affine(tmp_path, crop
     stored, stored_affine = geometry(crop, "lps")
     fixed = save(tmp_path / "fixed.nii.gz", stored, stored_affine)
     pair = io.load_images(fixed, fixed)
-    workflows.register_and_write(ZeroPredictor(), pair, str(tmp_path))
+    commands.register_and_write(ZeroPredictor(), pair, str(tmp_path))
     canonical = nib.as_closest_canonical(nib.load(fixed)).affine
     for name in ("warped.nii.gz", "displacement.nii.gz", "jacobian_determinant.nii.gz"):
         np.testing.assert_allclose(nib.load(tmp_path / name).affine, canonical, atol=1e-5)
@@ -208,8 +208,7 @@ def test_register_and_write_puts_every_output_on_the_fixed_affine(tmp_path, crop
 
 def smooth_field(shape, spacing):
     """A smooth, non-trivial displacement (mm along the array axes), up to 5 mm per component."""
-    centres = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*centres, indexing="ij")
+    x, y, z = np.moveaxis(geometry.grid_points_numpy(shape, spacing), -1, 0)
     extent = np.array(shape) * spacing
     return np.stack([4.0 * np.sin(2 * np.pi * y / extent[1]),
                      -3.0 * np.cos(2 * np.pi * z / extent[2]),

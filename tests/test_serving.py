@@ -21,14 +21,16 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2, predic
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfmlreg import models
-from tfmlreg.export import SIGNATURES, WARMUP_FILE, export_saved_model
+from tfmlreg.export import WARMUP_FILE, export_saved_model
+from tfmlreg.interface import REFINED_SIGNATURE, SIGNATURE, SIGNATURES
+from tfmlreg.ct import HU_WINDOW
 from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient, ServingError, channel_options
 from conftest import registration_model
 
 SHAPE = (96, 96, 96)
 SERVING_DIR = pathlib.Path(__file__).resolve().parents[1] / "serving"
 MODEL_NAME = DEFAULT_MODEL_NAME
-WINDOW_HU = 1200.0  # the model's intensity window width: the scale of "warped"
+WINDOW_HU = HU_WINDOW[1] - HU_WINDOW[0]  # the model's intensity window width: the scale of "warped"
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # TF and gRPC share the numbers
 
 
@@ -67,7 +69,7 @@ class InProcessServingDouble(prediction_service_pb2_grpc.PredictionServiceServic
     def Predict(self, request, context):
         spec = request.model_spec
         self._check_name(spec, context)
-        signature = self.loaded.signatures.get(spec.signature_name or "serving_default")
+        signature = self.loaded.signatures.get(spec.signature_name or SIGNATURE)
         if signature is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"Serving signature key \"{spec.signature_name}\" not found.")
@@ -139,7 +141,7 @@ def local(version_dir):
     loaded = tf.saved_model.load(str(version_dir))  # owns the variables: keep it referenced
 
     def infer(fixed, moving, spacing):
-        outputs = loaded.signatures["serving_default"](
+        outputs = loaded.signatures[SIGNATURE](
             fixed=tf.constant(fixed), moving=tf.constant(moving), spacing=tf.constant(spacing)
         )
         return {name: value.numpy() for name, value in outputs.items()}
@@ -244,7 +246,7 @@ def test_unknown_model_is_not_found(server):
 
 def test_grid_comes_from_the_served_signature(client, server):
     assert client.grid() == SHAPE
-    with RegistrationClient(server, model_name=MODEL_NAME, signature="register_refined") as refined:
+    with RegistrationClient(server, model_name=MODEL_NAME, signature=REFINED_SIGNATURE) as refined:
         assert refined.grid() == SHAPE
     with RegistrationClient(server, model_name=MODEL_NAME, signature="nope") as other:
         with pytest.raises(ServingError, match="signature 'nope': not served .signatures: "
@@ -264,9 +266,8 @@ def test_serving_readme_nifti_to_full_resolution_field(server, version_dir, tmp_
                                                         monkeypatch):
     """serving/README.md's Python path, as written but for the server's address: NIfTI files
     through the server to full-resolution fields equal to local inference, written as NIfTI."""
-    from tfmlreg import workflows
     from tfmlreg.data import io
-    from tfmlreg.inference import register_pair
+    from tfmlreg.inference import load_predictor, register_pair
 
     fixed, moving, spacing = blocky_pair(1, seed=4)
     shape = (48, 40, 36)  # not the model grid: register_pair resamples both ways
@@ -278,7 +279,7 @@ def test_serving_readme_nifti_to_full_resolution_field(server, version_dir, tmp_
     scope = {}
     exec(compile(block.replace("gpu-host:8500", server), "serving/README.md", "exec"), scope)
     assert scope["predictor"].shape == SHAPE  # asked from the server
-    local = register_pair(workflows.predictor_for(str(version_dir), precision="float32"),
+    local = register_pair(load_predictor(str(version_dir), precision="float32"),
                           scope["pair"])
     np.testing.assert_allclose(scope["result"]["displacement"], local["displacement"], atol=1e-4)
     assert np.abs(local["displacement"]).max() > 0.5

@@ -10,6 +10,7 @@ from conftest import random_inputs
 from tfmlreg import inference, layers
 from tfmlreg.data.io import DataError
 from tfmlreg.export import export_saved_model
+from tfmlreg.interface import SIGNATURE
 from tfmlreg.model import MultilevelRegistration
 
 SHAPE = (16, 16, 16)
@@ -159,7 +160,7 @@ def test_saved_model_without_compiled_geometry_has_no_xla(model, tmp_path, input
         return text.count(b"_XlaMustCompile")
 
     assert marks(compiled) > 0 and marks(plain) == 0
-    signature = tf.saved_model.load(plain).signatures["serving_default"]
+    signature = tf.saved_model.load(plain).signatures[SIGNATURE]
     outputs = signature(**{name: tf.constant(value) for name, value in inputs.items()})
     np.testing.assert_allclose(outputs["displacement"], expected["displacement"], rtol=1e-5, atol=1e-5)
 

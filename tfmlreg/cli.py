@@ -39,13 +39,12 @@ import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
-from tfmlreg import models, output  # noqa: E402  (no TensorFlow)
+from tfmlreg import models  # noqa: E402  (no TensorFlow)
 from tfmlreg.output import OutputError  # noqa: E402
 
 EXIT_FAILURE = 1
@@ -108,30 +107,21 @@ def _import_tensorflow_quietly():
 
 
 def cmd_demo(args):
-    with output.staged(args.out, args.overwrite) as staging:
-        workflows = _load("tfmlreg.workflows")
-        report = workflows.demo(args.model, staging, shape=tuple(args.shape), seed=args.seed,
-                                refine=_refine_config(args))
-    print(workflows.format_demo_report(report, args.out))
+    commands = _load("tfmlreg.commands")
+    report = commands.demo(args.out, args.model, shape=tuple(args.shape), seed=args.seed,
+                           refine=_refine_config(args), overwrite=args.overwrite)
+    print(commands.format_demo_report(report, args.out))
 
 
 def cmd_register(args):
-    if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
-        raise UsageError("--fixed-landmarks and --moving-landmarks go together")
-    if (args.fixed_labels is None) != (args.moving_labels is None):
-        raise UsageError("--fixed-labels and --moving-labels go together")
-    if args.server is None and (args.model_name is not None or args.shape is not None):
-        raise UsageError(f"{'--model-name' if args.model_name is not None else '--shape'}: "
-                         "only with --server (a local model knows its grid and needs no name)")
-    with output.staged(args.out, args.overwrite) as staging:
-        workflows = _load("tfmlreg.workflows")
-        # every input checked before any model work
-        pair = workflows.load_files(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
-                                    args.fixed_landmarks, args.moving_landmarks, args.dirlab_case)
-        predictor = workflows.predictor_for(args.model, args.server, args.shape, args.precision,
-                                            model_name=args.model_name)
-        summary = workflows.register_and_write(predictor, pair, staging, _refine_config(args),
-                                               progress=sys.stderr.isatty())
+    commands = _load("tfmlreg.commands")
+    summary = commands.register(
+        args.fixed, args.moving, args.out, args.model, server=args.server,
+        model_name=args.model_name, shape=args.shape, precision=args.precision,
+        refine=_refine_config(args), fixed_labels=args.fixed_labels,
+        moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
+        moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
+        overwrite=args.overwrite, progress=sys.stderr.isatty())
     print(json.dumps(summary, indent=2))
     times = summary["registered"]
     print(f"network {times['seconds_network']:.2f} s, refinement "
@@ -181,116 +171,56 @@ def add_refine_options(parser):
 
 
 def cmd_train(args):
-    experiment = _load("tfmlreg.experiment")
-    config = experiment.load_config(args.config)  # fully checked: a bad config writes nothing
+    commands = _load("tfmlreg.commands")
     # progress bars on a terminal, one line per epoch in a log file
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-    experiment.run(config, verbose=verbose, restart=args.restart)
-    where = experiment.paths(config)
+    where = commands.train(args.config, verbose=verbose, restart=args.restart)
     print(f"trained model: {where['model']}; SavedModel: {where['saved_model']}/1")
 
 
 def cmd_evaluate(args):
-    with output.staged(args.out, args.overwrite) as staging:
-        workflows = _load("tfmlreg.workflows")
-        predictor = workflows.predictor_for(args.model, precision=args.precision)
-        report, failures = workflows.evaluate_folder(predictor, args.data, staging,
-                                                     figures=not args.no_figures,
-                                                     refine=_refine_config(args))
-    with open(os.path.join(args.out, os.path.basename(report))) as handle:
+    commands = _load("tfmlreg.commands")
+    report, failures = commands.evaluate(args.data, args.out, args.model, args.precision,
+                                         figures=not args.no_figures, refine=_refine_config(args),
+                                         overwrite=args.overwrite)
+    with open(report) as handle:
         print(handle.read())
     if failures:
         names = ", ".join(failures)
         print(f"tfmlreg: error: {len(failures)} case(s) could not be evaluated ({names}; reasons "
-              f"above and in {os.path.join(args.out, os.path.basename(report))}); the results of "
-              f"the others are in {args.out}", file=sys.stderr)
+              f"above and in {report}); the results of the others are in {args.out}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
 
 def cmd_phantom(args):
-    if args.cases < 1:
-        raise UsageError(f"--cases: expected at least 1, got {args.cases}")
-    with output.staged(args.out, args.overwrite) as staging:
-        phantom = _load("tfmlreg.data.phantom")
-        try:
-            phantom.write_dataset(staging, cases=args.cases, shape=tuple(args.shape),
-                                  spacing=args.spacing, seed=args.seed,
-                                  amplitude_mm=args.amplitude)
-        except ValueError as error:  # the generator's checks of its settings (grid too small...)
-            raise UsageError(f"--shape/--spacing/--amplitude: {_first_line(error)}") from None
+    commands = _load("tfmlreg.commands")
+    commands.phantom(args.out, args.cases, shape=args.shape, spacing=args.spacing, seed=args.seed,
+                     amplitude_mm=args.amplitude, overwrite=args.overwrite)
     print(f"wrote {args.cases} phantom pair(s) to {args.out}")
 
 
 def cmd_synth(args):
-    if args.pairs_per_scan < 1:
-        raise UsageError(f"--pairs-per-scan: expected at least 1, got {args.pairs_per_scan}")
-    low = args.amplitude / 2.0 if args.min_amplitude is None else args.min_amplitude
-    if not 0.0 <= low <= args.amplitude:
-        raise UsageError(f"--min-amplitude/--amplitude: expected 0 <= {low:g} <= {args.amplitude:g} mm")
-    names = [os.path.basename(os.path.normpath(path)) for path in args.ct]
-    if len(set(names)) < len(names):
-        raise UsageError("--ct: two scans share a file name; their pair folders would collide")
-    with output.staged(args.out, args.overwrite) as staging:
-        synthetic = _load("tfmlreg.data.synthetic")
-        written = synthetic.write_pairs(args.ct, staging, args.pairs_per_scan, spacing_mm=args.spacing,
-                                        amplitude_mm=args.amplitude, min_amplitude_mm=low,
-                                        direction=args.direction, seed=args.seed)
+    commands = _load("tfmlreg.commands")
+    written = commands.synth(args.ct, args.out, args.pairs_per_scan, spacing_mm=args.spacing,
+                             amplitude_mm=args.amplitude, min_amplitude_mm=args.min_amplitude,
+                             direction=args.direction, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {len(written)} synthetic breathing pair(s) to {args.out}")
 
 
 def cmd_export(args):
-    if args.version < 1:
-        raise UsageError(f"--version: expected a positive integer, got {args.version}")
-    if args.format == "savedmodel":
-        _export_saved_model(args)
-    elif args.format == "onnx":
-        path = args.out if args.out.endswith(".onnx") else os.path.join(args.out, "model.onnx")
-        with output.staged(path, args.overwrite, folder=False) as staging:
-            workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
-            model = workflows.load_keras_model(args.model)
-            staged = os.path.join(staging, os.path.basename(path))
-            export.export_onnx(model, staged, opset=args.opset)
-            export.check_onnx_parity(staged, model)
-        print(f"ONNX (opset {args.opset}), parity with Keras checked: {path}")
-    else:
-        workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
+    commands, export = _load("tfmlreg.commands"), _load("tfmlreg.export")
+    if args.format == "tf-trt":
         try:
             export.require_tf_trt()  # before any work: official pip wheels since 2.18 lack it
         except RuntimeError as error:
-            raise EnvironmentProblem(str(error)) from None
-        with output.staged(args.out, args.overwrite) as staging:
-            model = workflows.load_keras_model(args.model)
-            with tempfile.TemporaryDirectory() as scratch:
-                saved = export.export_saved_model(model, os.path.join(scratch, "model"), version=1)
-                os.rmdir(staging)  # the converter makes its folder itself
-                export.export_tf_trt(saved, staging)
-        print(f"TF-TRT SavedModel: {args.out}")
-
-
-def _export_saved_model(args):
-    """A new version folder in the model root ``--out`` (other versions are left alone)."""
-    root = args.out
-    target = os.path.join(root, str(args.version))
-    with output.locked(root):
-        if os.path.lexists(root) and not os.path.isdir(root):
-            raise UsageError(f"--out: {root} exists and is not a folder")
-        if os.path.exists(target):
-            raise UsageError(f"--out: version folder {target} exists; choose another --version")
-        created = not os.path.exists(root)
-        try:
-            workflows, export = _load("tfmlreg.workflows"), _load("tfmlreg.export")
-            model = workflows.load_keras_model(args.model)
-            for name in os.listdir(root) if os.path.isdir(root) else []:
-                if name.startswith(".") and ".partial" in name:  # left by a killed export
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            export.export_saved_model(model, root, version=args.version,
-                                      compiled_geometry=not args.plain_geometry)
-        except BaseException:
-            if created:
-                shutil.rmtree(root, ignore_errors=True)
-            raise
-    print(f"SavedModel for TF Serving: {target}")
+            raise EnvironmentProblem(_as_flags(str(error), args)) from None
+    written = commands.export(args.model, args.out, args.format, args.version, opset=args.opset,
+                              plain_geometry=args.plain_geometry, overwrite=args.overwrite)
+    print({"savedmodel": f"SavedModel for TF Serving: {written}",
+           "onnx": f"ONNX (opset {args.opset}), parity with Keras checked: {written}",
+           "tf-trt": f"TF-TRT SavedModel: {written}"}[args.format])
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -488,24 +418,54 @@ def _input_errors():
 
 def _environment_errors():
     kinds = [EnvironmentProblem, OSError]  # OSError includes ConnectionError (the server)
-    for module, name in (("tfmlreg.serving", "ServingError"), ("tfmlreg.workflows", "RegistrationFailed")):
+    for module, name in (("tfmlreg.serving", "ServingError"), ("tfmlreg.commands", "RegistrationFailed")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return tuple(kinds)
 
 
-# The library's errors name its arguments; a command's user gave flags. Where the two differ:
-# argument -> flag, used when the command has that flag.
-# (Not the label and landmark arguments: their errors name the files, e.g. fixed_landmarks.txt.)
+# The library's errors name its arguments (tfmlreg.commands); a command's user gave flags. An
+# argument becomes its flag when the command has that flag:
+# * these names wherever they stand (distinctive words: argument -> flag);
 ARGUMENT_FLAGS = {"dirlab_case": "--dirlab-case", "target_spacing": "--spacing",
-                  "model_name": "--model-name"}
+                  "model_name": "--model-name", "pairs_per_scan": "--pairs-per-scan",
+                  "min_amplitude_mm": "--min-amplitude", "amplitude_mm": "--amplitude",
+                  "spacing_mm": "--spacing"}
+# * these only as the names a message starts with ("out: ...", "shape/spacing: ..."): as plain
+#   words they would be read in every sentence (not label and landmark files either: their
+#   errors name the files, e.g. fixed_landmarks.txt);
+LEADING_ARGUMENTS = ("out", "cases", "ct", "version", "format", "shape", "spacing",
+                     "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
+# * and the phrases in which the library names an argument's value.
+PHRASES = {"use overwrite=True": ("overwrite", "use --overwrite"),
+           "only with server": ("server", "only with --server"),
+           "choose another version": ("version", "choose another --version"),
+           "use format='onnx' (export_onnx)": ("format", "use --format onnx")}
+
+
+def _flag(name):
+    return ARGUMENT_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _as_flags(message, args):
     """``message`` with the library's argument names replaced by this command's flags."""
+    def has(name):
+        return hasattr(args, _flag(name)[2:].replace("-", "_"))
+
+    head, colon, rest = message.partition(": ")
+    names = head.split("/")
+    if colon and all((name in LEADING_ARGUMENTS or name in ARGUMENT_FLAGS) and has(name)
+                     for name in names):
+        head, message = "/".join(_flag(name) for name in names) + colon, rest
+    else:
+        head = ""
     for name, flag in ARGUMENT_FLAGS.items():
-        if hasattr(args, flag[2:].replace("-", "_")):
+        if has(name):
             message = re.sub(rf"(?<![\w/.-]){name}(?![\w.-])", flag, message)
+    message = head + message
+    for phrase, (name, flagged) in PHRASES.items():
+        if has(name):
+            message = message.replace(phrase, flagged)
     return message
 
 

@@ -15,8 +15,8 @@ import os
 import numpy as np
 
 from tfmlreg import metrics
+from tfmlreg.ct import LOBE_NAMES
 
-LOBE_NAMES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}  # the phantom's and COPDGene's lobes
 INITIAL = "initial"
 
 

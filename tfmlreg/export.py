@@ -26,19 +26,18 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from tfmlreg import geometry
+from tfmlreg.ct import AIR_HU, PARENCHYMA_HU, SOFT_TISSUE_HU
+from tfmlreg.interface import INPUTS, OUTPUTS, REFINED_SIGNATURE, SIGNATURE, SIGNATURES
 from tfmlreg.layers import plain_geometry
 
-SIGNATURE = "serving_default"
-REFINED_SIGNATURE = "register_refined"  # the network, then refinement steps in-graph
-SIGNATURES = (SIGNATURE, REFINED_SIGNATURE)
-INPUTS = ("fixed", "moving", "spacing")
-OUTPUTS = ("displacement", "warped")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SAMPLE_SPACING_MM = (1.5, 1.5, 1.5)  # a CT-like voxel size for the synthetic sample pair
 
 TF_TRT_MISSING = (
     "TF-TRT is not in this TensorFlow build (official pip wheels dropped it in 2.18); use "
-    "--format onnx and TensorRT/onnxruntime's TensorRT provider, or NVIDIA's TF container"
+    "format='onnx' (export_onnx) with TensorRT or onnxruntime's TensorRT provider, or NVIDIA's "
+    "TF container"
 )
 
 
@@ -274,9 +273,7 @@ def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
     shape = tuple(int(n) for n in shape)
     spacing = np.broadcast_to(np.asarray(spacing, np.float32), (3,))
     extent = np.asarray(shape) * spacing
-    points = np.stack(
-        np.meshgrid(*[(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)], indexing="ij"), -1
-    )
+    points = geometry.grid_points_numpy(shape, spacing)
     rng = np.random.default_rng(seed)
 
     def ellipsoid(centre, radii):
@@ -284,10 +281,10 @@ def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
 
     def scan(lung_shift_mm):
         body = ellipsoid(extent * 0.5, extent * [0.45, 0.4, 0.45])
-        image = np.where(body, 40.0, -1000.0)
+        image = np.where(body, SOFT_TISSUE_HU, AIR_HU)
         for side in (0.3, 0.7):
             centre = extent * [0.5, 0.5, side] + [lung_shift_mm, 0.0, 0.0]
-            image[body & ellipsoid(centre, extent * [0.3, 0.25, 0.15])] = -850.0
+            image[body & ellipsoid(centre, extent * [0.3, 0.25, 0.15])] = PARENCHYMA_HU
         noisy = image + rng.normal(0.0, 10.0, shape)
         return noisy.astype(np.float32)[None, ..., None]
 
@@ -383,10 +380,11 @@ def _frozen_without_xla(concrete, inputs, outputs):
 def _inference_function(model, shape=None):
     """``(inputs dict -> outputs dict, grid)`` for a Keras model or a SavedModel directory."""
     if isinstance(model, (str, os.PathLike)):
-        loaded = tf.saved_model.load(os.fspath(model))  # keep it: it owns the variables
-        signature = loaded.signatures[SIGNATURE]
-        grid = tuple(signature.structured_input_signature[1]["fixed"].shape[1:4])
-        return (lambda inputs: loaded.signatures[SIGNATURE](**inputs)), grid
+        from tfmlreg.inference import SavedModelPredictor
+
+        # the predictor keeps the loaded SavedModel alive: it owns the variables
+        predictor = SavedModelPredictor(model)
+        return (lambda inputs: predictor.signature(**inputs)), predictor.shape
     grid = model_grid(model, shape)
     return serving_fn(model, grid, check_inputs=False), grid
 

@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from tfmlreg import metrics  # noqa: E402
+from tfmlreg import geometry, metrics  # noqa: E402
+from tfmlreg.ct import DISPLAY_WINDOW  # noqa: E402
 
 ORANGE = np.array([1.0, 0.5, 0.0])  # one phase (the paper: inhale)
 BLUE = np.array([0.0, 0.5, 1.0])  # the other (exhale); orange + blue = white, so aligned = grey
-DISPLAY_WINDOW = (-1000.0, 200.0)  # HU shown from black to full colour
 SAGITTAL_AT = 0.3  # fraction of axis 0 where the sagittal view cuts
 NO_DATA = 0.35  # grey level of overlay pixels the warped image has no anatomy for
 DIFFERENCE_HU = 400.0  # the difference image's colour range, ± HU
@@ -90,7 +90,7 @@ def _label_view(axis, view, spacing, shape, axes, index):
                   bbox=dict(boxstyle="square,pad=0.15", facecolor="black", alpha=0.6, linewidth=0))
     axis.set_xticks([])
     axis.set_yticks([])
-    position = (index + 0.5) * spacing[cut]
+    position = geometry.cell_centres(index, spacing[cut])
     axis.set_xlabel(f"{view}, axis {cut} = {position:.1f} mm (slice {index + 1}/{shape[cut]})",
                     fontsize=7)
     width = shape[across] * spacing[across]
@@ -112,7 +112,7 @@ def _round_length(mm):
 def _outside(displacement, spacing, extent_mm):
     """Voxels whose ``x + u(x)`` lies outside ``[0, extent_mm]`` (the moving scan), per view."""
     shape = np.shape(displacement)[:3]
-    centres = [(np.arange(n) + 0.5) * h for n, h in zip(shape, spacing)]
+    centres = [geometry.cell_centres(np.arange(n), h) for n, h in zip(shape, spacing)]
     out = np.zeros(shape, bool)
     for k in range(3):
         target = np.expand_dims(centres[k], [a for a in range(3) if a != k]) + displacement[..., k]

@@ -21,8 +21,67 @@ from keras import ops
 FLOAT = "float32"
 
 
-def as_spacing(spacing, batch_size=None):
-    """Spacing as a float32 ``(B, 3)`` tensor from a scalar, a ``(3,)`` or a ``(B, 3)`` value."""
+# --- spacing: one rule (finite, > 0 mm), a NumPy and a keras.ops variant ---------------------
+
+
+def _checked_values(values, name, plausible_mm=None):
+    """``values`` (float64) if every voxel size is finite and > 0 mm (and, with ``plausible_mm``
+    ``(low, high)``, within it); else a one-line ValueError naming ``name``."""
+    values = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"{name}: spacing must be positive finite voxel sizes in mm, got "
+                         f"{np.round(values, 6).tolist()}")
+    if plausible_mm is not None:
+        low, high = plausible_mm
+        if np.any(values < low) or np.any(values > high):
+            raise ValueError(f"{name}: voxel size {[float(f'{h:.4g}') for h in values.reshape(-1)]} "
+                             f"mm is implausible (expected {low:g}-{high:g} mm per axis); check the "
+                             "file's header")
+    return values
+
+
+def check_spacing(spacing, name="spacing", batch_size=None, plausible_mm=None):
+    """NumPy: voxel sizes in mm as float64 ``(3,)`` from a scalar or 3 values, or with
+    ``batch_size`` ``(B, 3)`` from a scalar, ``(3,)``, ``(1, 3)`` or ``(B, 3)``.
+
+    The rule of every spacing in the package (:func:`as_spacing` applies it too): finite and
+    > 0 mm, optionally within ``plausible_mm``; a one-line ValueError naming ``name`` otherwise.
+    """
+    values = np.asarray(spacing, np.float64)
+    if batch_size is None:
+        values = values.reshape(-1) if values.ndim <= 1 else values
+        if values.size == 1:
+            values = np.repeat(values, 3)
+        if values.shape != (3,):
+            raise ValueError(f"{name}: expected a scalar or 3 voxel sizes in mm, got shape "
+                             f"{np.shape(spacing)}")
+    else:
+        if values.ndim > 2 or (values.ndim >= 1 and values.shape[-1] != 3) or (
+                values.ndim == 2 and values.shape[0] not in (1, batch_size)):
+            raise ValueError(f"{name}: expected a scalar, (3,) or ({batch_size}, 3) in mm, got "
+                             f"{values.shape}")
+        values = np.broadcast_to(values, (batch_size, 3))
+    return np.ascontiguousarray(_checked_values(values, name, plausible_mm))
+
+
+def _known_value(spacing):
+    """The NumPy value of ``spacing`` if it is known now; None for a traced (symbolic) tensor."""
+    try:
+        return np.asarray(spacing if not ops.is_tensor(spacing) else ops.convert_to_numpy(spacing),
+                          np.float64)
+    except Exception:  # noqa: BLE001  traced (tf.function, XLA, jax.jit): values come at run time
+        return None
+
+
+def as_spacing(spacing, batch_size=None, name="spacing"):
+    """keras.ops: spacing as a float32 ``(B, 3)`` tensor from a scalar, a ``(3,)`` or a ``(B, 3)``.
+
+    The values follow :func:`check_spacing`'s rule wherever they are known when called (Python
+    and NumPy values, eager tensors); a traced tensor is taken as it is.
+    """
+    known = _known_value(spacing)
+    if known is not None:
+        _checked_values(known, name)
     spacing = ops.cast(ops.convert_to_tensor(spacing), FLOAT)
     rank = len(spacing.shape)
     if rank == 0:
@@ -30,7 +89,7 @@ def as_spacing(spacing, batch_size=None):
     elif rank == 1:
         spacing = ops.reshape(spacing, (1, 3))
     elif rank != 2 or spacing.shape[-1] not in (3, None):
-        raise ValueError(f"spacing: expected a scalar, (3,) or (B, 3), got shape {tuple(spacing.shape)}")
+        raise ValueError(f"{name}: expected a scalar, (3,) or (B, 3), got shape {tuple(spacing.shape)}")
     if batch_size is not None:
         spacing = ops.broadcast_to(spacing, (batch_size, 3))
     return spacing
@@ -50,8 +109,12 @@ def _batch(volume):
     return ops.shape(volume)[0]
 
 
+# --- the cell-centred grid: voxel i at (i + 0.5) * h, a keras.ops and a NumPy variant --------
+
+
 def grid_points(shape, spacing):
-    """Cell-centre coordinates in mm, ``(B, D, H, W, 3)``, of a grid of ``shape`` with ``spacing (B, 3)``.
+    """keras.ops: cell-centre coordinates in mm, ``(B, D, H, W, 3)``, of a grid of ``shape`` with
+    ``spacing (B, 3)``.
 
     Built from ``arange`` in the graph rather than embedded as a constant: a 160³ grid constant
     would add ~50 MB to an exported graph for every warp in it.
@@ -59,6 +122,32 @@ def grid_points(shape, spacing):
     axes = [ops.arange(int(n), dtype=FLOAT) + 0.5 for n in shape]
     centres = ops.stack(ops.meshgrid(*axes, indexing="ij"), axis=-1)
     return centres[None] * spacing[:, None, None, None, :]
+
+
+def cell_centres(index, spacing, dtype=np.float64):
+    """NumPy: the mm position ``(index + 0.5) * spacing`` of voxel indices (any shape, last axis
+    or a scalar matching ``spacing``).
+
+    ``spacing`` is taken in ``dtype`` first and the product is rounded once, so float32 gives
+    the same values as :func:`grid_points` does.
+    """
+    spacing = np.asarray(spacing, dtype).astype(np.float64)
+    return ((np.asarray(index, np.float64) + 0.5) * spacing).astype(dtype, copy=False)
+
+
+def voxel_index(points_mm, spacing):
+    """NumPy: the fractional voxel index ``points / spacing - 0.5`` of mm positions (float64),
+    the inverse of :func:`cell_centres`."""
+    return np.asarray(points_mm, np.float64) / np.asarray(spacing, np.float64) - 0.5
+
+
+def grid_points_numpy(shape, spacing, dtype=np.float64, start=(0, 0, 0)):
+    """NumPy: cell-centre coordinates in mm, ``(D, H, W, 3)`` (unbatched), of ``shape`` voxels
+    with ``spacing (3,)``, from voxel index ``start`` on (a sub-box of a larger grid)."""
+    spacing = np.broadcast_to(np.asarray(spacing, dtype), (3,))
+    axes = [cell_centres(np.arange(a, a + int(n)), h, dtype)
+            for a, n, h in zip(start, shape, spacing)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
 def sample(volume, points, spacing, fill_value=None):

@@ -5,10 +5,11 @@ resampled onto it, and the displacement it returns (mm, a field on the physical 
 evaluated back on the fixed image's original grid, where the moving image is warped and every
 metric is computed (as the paper evaluates: at full resolution).
 
-A predictor is any callable ``(fixed, moving, spacing) -> {"displacement", "warped"}`` on batched
-NumPy arrays at the model grid, with a ``shape`` attribute: :func:`load_predictor` makes one from
-a SavedModel (the exported, versioned layout) or a ``.keras`` file; :class:`RemotePredictor` from
-a TF Serving address.
+A predictor (:class:`Predictor`) is a callable ``(fixed, moving, spacing) -> {"displacement",
+"warped"}`` on batched NumPy arrays at the model grid, with a ``shape`` attribute (the grid).
+:func:`load_predictor` is the one way a model is loaded: a SavedModel (the exported, versioned
+layout), a ``.keras`` file, or a TF Serving address; :func:`load_model` gives the Keras model
+itself (for exporting or fine-tuning), with the same checks and errors.
 
 Precision: local Keras models run in the inference form (batch normalisation folded) with the
 U-Nets in ``precision`` (:func:`resolve_precision`; ``"auto"``: bfloat16 on CPUs with native
@@ -17,17 +18,34 @@ SavedModel is float32 as written, so a reduced precision runs the ``model.keras`
 its versions (``NAME/model.keras``) when there is one.
 """
 
+import contextlib
 import os
 import time
+import zipfile
+from typing import Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmlreg import geometry, refinement
+from tfmlreg import geometry, models, refinement
+from tfmlreg.ct import AIR_HU
 from tfmlreg.data import pipeline
 from tfmlreg.data.io import DataError
-from tfmlreg.export import SIGNATURE
+from tfmlreg.interface import OUTPUTS, SIGNATURE
+
+NO_MODEL = "none"  # load_predictor("none"): no network, the refinement starts from zero
+
+
+class Predictor(Protocol):
+    """What :func:`register_pair` runs: the model grid ``shape`` ``(D, H, W)``, and a call on
+    batched float32 NumPy ``fixed``, ``moving`` ``(B, D, H, W, 1)`` (HU) and ``spacing``
+    ``(B, 3)`` (mm) returning NumPy ``{"displacement": (B, D, H, W, 3) mm, "warped": ...}``."""
+
+    shape: tuple
+
+    def __call__(self, fixed, moving, spacing):
+        ...
 
 
 PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -62,13 +80,20 @@ def resolve_precision(precision="auto"):
 
 
 class SavedModelPredictor:
-    """The ``serving_default`` signature of an exported SavedModel (what TF Serving runs)."""
+    """A signature of an exported SavedModel (``serving_default``: what TF Serving runs).
+
+    Keeps the loaded object (``loaded``): it owns the variables the signature reads."""
 
     precision = "float32"  # as exported
 
-    def __init__(self, path):
-        self.path = path
-        self.signature = tf.saved_model.load(path).signatures[SIGNATURE]
+    def __init__(self, path, signature=SIGNATURE):
+        self.path = os.fspath(path)
+        with _loading(self.path):
+            self.loaded = tf.saved_model.load(self.path)
+        if signature not in self.loaded.signatures:
+            raise DataError(f"{self.path}: no signature {signature!r} (signatures: "
+                            f"{', '.join(sorted(self.loaded.signatures)) or 'none'})")
+        self.signature = self.loaded.signatures[signature]
         spec = self.signature.structured_input_signature[1]["fixed"]
         self.shape = tuple(int(n) for n in spec.shape[1:4])
 
@@ -90,7 +115,7 @@ class KerasPredictor:
         model = path_or_model
         if isinstance(path_or_model, (str, os.PathLike)):
             self.path = os.fspath(path_or_model)
-            model = keras.saving.load_model(self.path)
+            model = load_model(self.path)
         self.model, self.shape = model, tuple(model.shape)
         self.precision = resolve_precision(precision)
         self._follow = not isinstance(path_or_model, (str, os.PathLike))
@@ -106,34 +131,50 @@ class KerasPredictor:
         if self._follow:
             self.inference.load_folded(self.model)
         outputs = self._predict({"fixed": fixed, "moving": moving, "spacing": spacing})
-        return {name: outputs[name].numpy() for name in ("displacement", "warped")}
+        return {name: outputs[name].numpy() for name in OUTPUTS}
 
 
 class RemotePredictor:
-    """A model behind TF Serving (gRPC); ``shape`` is the model grid the server expects."""
+    """A model behind TF Serving (gRPC); ``shape`` is the model grid the server expects (None:
+    read from the served signature, :meth:`tfmlreg.serving.RegistrationClient.grid`)."""
 
-    def __init__(self, address, shape, model_name=None):
+    def __init__(self, address, shape=None, model_name=None):
         from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient
 
         self.client = RegistrationClient(address, model_name=model_name or DEFAULT_MODEL_NAME)
-        self.shape = tuple(int(n) for n in shape)
+        self.shape = tuple(int(n) for n in (shape if shape is not None else self.client.grid()))
 
     def __call__(self, fixed, moving, spacing):
         return self.client.register(fixed, moving, spacing)
 
 
-def load_predictor(path, precision="auto"):
-    """A predictor from a ``.keras`` file, a SavedModel folder, or a versioned model root
-    (``NAME/`` holding ``1/``, ``2/``...: the highest version is taken, as TF Serving does).
+def load_predictor(path=None, precision="auto", *, server=None, shape=None, model_name=None):
+    """The predictor of a model: the one way tfmlreg loads one.
+
+    * ``server`` (``HOST:PORT`` of TF Serving): a :class:`RemotePredictor` of the served model
+      ``model_name`` (default :data:`tfmlreg.serving.DEFAULT_MODEL_NAME`) on grid ``shape``
+      (default: read from the server);
+    * else ``path``: a ``.keras`` file, a SavedModel folder, or a versioned model root (``NAME/``
+      holding ``1/``, ``2/``...: the highest version is taken, as TF Serving does); None is the
+      default model (:func:`tfmlreg.models.default_model`); ``"none"`` gives None (no network:
+      :func:`register_pair` refines from zero).
 
     A SavedModel runs in float32 as exported; with a reduced ``precision`` (``"auto"`` on a
     machine that has one) the root's ``model.keras`` runs instead when it is there. An explicit
-    reduced precision without one is an error; ``"auto"`` falls back to the SavedModel."""
+    reduced precision without one is an error; ``"auto"`` falls back to the SavedModel. A missing,
+    damaged or foreign model file is a one-line :class:`DataError` naming it."""
+    if server is not None:
+        return RemotePredictor(server, shape, model_name=model_name)
+    if path is None:
+        path = models.default_model()
+    if str(path).lower() == NO_MODEL:
+        return None
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such model file or folder")
     wanted = resolve_precision(precision)
     if os.path.isfile(path):
-        if not str(path).endswith(".keras"):
+        if not path.endswith(".keras"):
             raise DataError(f"{path}: expected a .keras file or a SavedModel folder")
         return KerasPredictor(path, wanted)
     version = _latest_version(path)
@@ -145,6 +186,34 @@ def load_predictor(path, precision="auto"):
             raise DataError(f"{path}: precision {precision}: a SavedModel runs in float32 as "
                             "exported and there is no model.keras beside its versions")
     return SavedModelPredictor(version)
+
+
+def load_model(path):
+    """The Keras model of a trained ``.keras`` file, checked: a one-line :class:`DataError`
+    naming the file when it is missing, damaged or of another format."""
+    path = os.fspath(path)
+    if not (os.path.isfile(path) and path.endswith(".keras")):
+        raise DataError(f"{path}: expected a trained .keras model file")
+    if not zipfile.is_zipfile(path):  # Keras would report it as "File not found"
+        raise DataError(f"{path}: not a .keras model (a .keras file is a zip archive; this one is "
+                        "damaged or of another format)")
+    with _loading(path):
+        return keras.saving.load_model(path)
+
+
+@contextlib.contextmanager
+def _loading(path):
+    """Errors of loading a damaged or foreign model file as one DataError naming the file."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, DecodeError,
+            tf.errors.OpError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(f"{path}: cannot load the model ({type(error).__name__}: {reason})"[:300]) from None
 
 
 def _latest_version(path):
@@ -206,6 +275,5 @@ def warp_moving(pair, displacement):
     points = geometry.grid_points(np.shape(pair["fixed"]), geometry.as_spacing(fixed_spacing, 1))
     warped = geometry.sample(np.asarray(pair["moving"], np.float32)[None, ..., None],
                              points + np.asarray(displacement, np.float32)[None],
-                             np.asarray(pair["spacing_moving"], np.float32),
-                             fill_value=pipeline.AIR_HU)
+                             np.asarray(pair["spacing_moving"], np.float32), fill_value=AIR_HU)
     return np.asarray(warped)[0, ..., 0]

@@ -21,6 +21,7 @@ import keras
 from keras import ops
 
 from tfmlreg import geometry
+from tfmlreg.ct import HU_WINDOW
 
 serializable = keras.saving.register_keras_serializable(package="tfmlreg")
 
@@ -138,7 +139,7 @@ class IntensityWindow(_Float32Layer):
     to 0, which is also the fill value used for points warped out of the domain.
     """
 
-    def __init__(self, window=(-1000.0, 200.0), **kwargs):
+    def __init__(self, window=HU_WINDOW, **kwargs):
         super().__init__(**kwargs)
         low, high = (float(v) for v in window)
         if not high > low:

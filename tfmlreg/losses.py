@@ -21,7 +21,7 @@ import numbers
 import keras
 from keras import ops
 
-from tfmlreg.geometry import FLOAT, as_spacing, spatial_shape
+from tfmlreg.geometry import FLOAT, as_spacing, check_spacing, spatial_shape
 
 __all__ = [
     "ngf",
@@ -213,13 +213,10 @@ def registration_loss(
 
 
 def _spacing_config(spacing):
-    """A JSON-friendly spacing for ``get_config``: a float or a list of 3 floats (mm)."""
-    if isinstance(spacing, numbers.Number):
-        return float(spacing)
-    values = [float(s) for s in ops.convert_to_numpy(spacing).reshape(-1)]
-    if len(values) != 3:
-        raise ValueError(f"spacing: expected a scalar or 3 values (mm), got {values}")
-    return values
+    """A JSON-friendly spacing for ``get_config``: a float or a list of 3 floats (mm), checked
+    (:func:`tfmlreg.geometry.check_spacing`)."""
+    values = check_spacing(ops.convert_to_numpy(spacing) if ops.is_tensor(spacing) else spacing)
+    return float(values[0]) if isinstance(spacing, numbers.Number) else values.tolist()
 
 
 @keras.saving.register_keras_serializable(package="tfmlreg")

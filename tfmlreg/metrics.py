@@ -30,16 +30,6 @@ __all__ = [
 SLAB_VOXELS = 1 << 22
 
 
-def _spacing(spacing):
-    """Spacing as a float64 ``(3,)`` array of positive mm values."""
-    values = np.asarray(spacing, np.float64)
-    if values.ndim == 0:
-        values = np.full(3, values)
-    if values.shape != (3,) or not np.all(values > 0):
-        raise ValueError(f"spacing: expected a positive scalar or 3 positive values (mm), got {spacing!r}")
-    return values
-
-
 def _displacement(u):
     """The field as a floating ``(D, H, W, 3)`` array (float32 unless it already is floating)."""
     u = np.asarray(u)
@@ -69,7 +59,7 @@ def jacobian_determinant(u, spacing):
     one-voxel halo, which gives exactly the whole-volume ``np.gradient`` result.
     """
     u = _displacement(u)
-    h = _spacing(spacing)
+    h = geometry.check_spacing(spacing)
     if min(u.shape[:3]) < 2:
         raise ValueError(f"u: every spatial size must be >= 2 for differences, got {u.shape[:3]}")
     det = np.empty(u.shape[:3], u.dtype)
@@ -172,7 +162,7 @@ def warp_labels(labels, displacement, spacing):
     """
     labels = _label_map(labels, "labels")
     u = _displacement(displacement)
-    h = _spacing(spacing)
+    h = geometry.check_spacing(spacing)
     if labels.ndim != 3:
         raise ValueError(f"labels: expected a (D, H, W) label map, got shape {labels.shape}")
     values = np.unique(labels)
@@ -212,7 +202,7 @@ def tre(u, spacing, fixed_points_mm, moving_points_mm, snap=False):
     before measuring.
     """
     u = _displacement(u)
-    h = _spacing(spacing)
+    h = geometry.check_spacing(spacing)
     fixed = _points(fixed_points_mm, "fixed_points_mm")
     moving = _points(moving_points_mm, "moving_points_mm")
     if fixed.shape != moving.shape:
@@ -222,7 +212,7 @@ def tre(u, spacing, fixed_points_mm, moving_points_mm, snap=False):
     warped = fixed + ops.convert_to_numpy(at_fixed)[0].astype(np.float64)
     if snap:
         index = np.clip(np.floor(warped / h), 0, np.asarray(u.shape[:3]) - 1)
-        warped = (index + 0.5) * h
+        warped = geometry.cell_centres(index, h)
     return np.linalg.norm(warped - moving, axis=-1)
 
 

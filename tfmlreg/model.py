@@ -23,10 +23,10 @@ import keras
 from keras import ops
 
 from tfmlreg import geometry, layers, losses
+from tfmlreg.ct import HU_WINDOW as DEFAULT_WINDOW  # the model's default (refinement's too)
 from tfmlreg.layers import IntensityWindow, serializable
 from tfmlreg.networks import BATCHNORM_MOMENTUM, fold_batchnorm, required_divisor, unet
 
-DEFAULT_WINDOW = (-1000.0, 200.0)  # HU: air to soft tissue, so lungs and vessels use the range
 LOSS_TERMS = ("ngf", "curvature", "mask", "supervised")
 # network precision -> the U-Nets' Keras dtype policy (None: the global policy)
 PRECISIONS = {None: None, "float32": "float32", "bfloat16": "mixed_bfloat16",

@@ -11,7 +11,8 @@ it ends (``kill -9`` included), so a second run aimed at the same output is refu
 later run is never blocked by a dead one. The run that takes the lock removes what killed runs
 left beside the output (staging folders, replaced outputs).
 
-No TensorFlow here: the command line checks its output before importing it.
+Messages name the output by ``what``, the caller's name for it (the argument ``out`` of
+:mod:`tfmlreg.commands` by default; the command line shows its flags). No TensorFlow here.
 """
 
 import contextlib
@@ -83,12 +84,12 @@ def check_target(path, overwrite, what, folder=True):
         return
     if folder and not os.listdir(path):
         return  # an empty folder is as good as none
-    raise OutputError(f"{what}: {path} exists and is not empty; use --overwrite to replace it, "
-                      "or choose another output")
+    raise OutputError(f"{what}: {path} exists and is not empty; use overwrite=True to replace "
+                      "it, or choose another output")
 
 
 @contextlib.contextmanager
-def locked(path, what="--out"):
+def locked(path, what="out"):
     """Hold the exclusive lock of ``path`` (which need not exist) for the ``with`` block."""
     made = check_parent(path, what)
     parent, name = os.path.split(os.path.abspath(path))
@@ -134,7 +135,7 @@ def _acquire(lock_path, path, what):
 
 
 @contextlib.contextmanager
-def staged(path, overwrite=False, what="--out", folder=True):
+def staged(path, overwrite=False, what="out", folder=True):
     """Lock ``path``, check it, and yield an empty hidden staging folder beside it.
 
     On success, a ``folder`` output becomes the staging folder itself; a file output is the file

@@ -21,8 +21,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from tfmlreg import geometry
+from tfmlreg.interface import OUTPUTS, SIGNATURE
+
 DEFAULT_MODEL_NAME = "demo"  # the shipped model (tfmlreg.models), as in serving/models.config
-OUTPUTS = ("displacement", "warped")
 # A 160³ float32 pair is ~33 MB and its reply ~65 MB, far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # The server is unreachable or too slow: the caller may retry elsewhere, hence ConnectionError.
@@ -50,7 +52,7 @@ class RegistrationClient:
     """
 
     def __init__(self, address="localhost:8500", model_name=DEFAULT_MODEL_NAME,
-                 signature="serving_default", timeout=60.0, version=None,
+                 signature=SIGNATURE, timeout=60.0, version=None,
                  max_message_bytes=MAX_MESSAGE_BYTES):
         self.address, self.model_name, self.signature = address, model_name, signature
         self.timeout, self.version = timeout, version
@@ -169,12 +171,6 @@ def as_batch(image, name):
 
 
 def spacing_batch(spacing, batch):
-    """Spacing as ``(B, 3)`` float32 mm from a scalar, ``(3,)`` or ``(B, 3)``."""
-    spacing = np.asarray(spacing, np.float32)
-    if spacing.ndim > 2 or (spacing.ndim >= 1 and spacing.shape[-1] != 3) or (
-        spacing.ndim == 2 and spacing.shape[0] not in (1, batch)
-    ):
-        raise ValueError(
-            f"spacing: expected a scalar, (3,) or ({batch}, 3) in mm, got {spacing.shape}"
-        )
-    return np.ascontiguousarray(np.broadcast_to(spacing, (batch, 3)))
+    """Spacing as ``(B, 3)`` float32 mm from a scalar, ``(3,)`` or ``(B, 3)``
+    (:func:`tfmlreg.geometry.check_spacing`)."""
+    return geometry.check_spacing(spacing, "spacing", batch_size=batch).astype(np.float32)

@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
+from tfmlreg import geometry
+
 SPACING_MM = 3.0
 SHAPE = (64, 64, 48)
 
@@ -29,8 +31,7 @@ def main(source):
                        np.mean(np.nonzero(lungs.any(axis=(0, 2)))[0]),
                        np.mean(np.nonzero(lungs.any(axis=(0, 1)))[0])]) * spacing
     start_mm = centre - 0.5 * np.array(SHAPE) * SPACING_MM
-    axes = [start_mm[k] + (np.arange(SHAPE[k]) + 0.5) * SPACING_MM for k in range(3)]
-    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0)
+    points = np.moveaxis(geometry.grid_points_numpy(SHAPE, SPACING_MM) + start_mm, -1, 0)
     index = points / spacing[:, None, None, None] - 0.5
     crop = map_coordinates(data, index, order=1, mode="nearest")
     affine = image.affine @ np.diag([*(SPACING_MM / spacing), 1.0])

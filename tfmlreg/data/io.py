@@ -46,7 +46,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-AIR_HU = -1000.0  # what the moving image holds outside its field of view (as pipeline.AIR_HU)
+from tfmlreg import geometry
+from tfmlreg.ct import AIR_HU  # what the moving image holds outside its field of view
+
 FRAME_TOLERANCE_MM = 1e-3  # grids whose voxel positions agree this well share a frame
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # nibabel's world (RAS+) to ITK's (LPS), and back
 SIMPLEITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -98,18 +100,13 @@ def check_volume(array, name):
 
 
 def check_spacing(spacing, name):
-    """3 voxel sizes (mm) from a scalar or 3 values: positive, finite and plausible for a medical
-    image (``SPACING_RANGE_MM``: a wrong header, e.g. metres or 1e38, is refused, not used)."""
-    spacing = np.asarray(spacing, np.float64).reshape(-1)
-    if spacing.size == 1:
-        spacing = np.repeat(spacing, 3)
-    if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise DataError(f"{name}: spacing must be 3 positive finite values in mm, got {spacing.tolist()}")
-    low, high = SPACING_RANGE_MM
-    if np.any(spacing < low) or np.any(spacing > high):
-        raise DataError(f"{name}: voxel size {[float(f'{h:.4g}') for h in spacing]} mm is implausible "
-                        f"(expected {low:g}-{high:g} mm per axis); check the file's header")
-    return spacing.astype(np.float32)
+    """3 voxel sizes (mm) from a scalar or 3 values, float32: :func:`tfmlreg.geometry.check_spacing`'s
+    rule (finite, > 0) and plausible for a medical image (``SPACING_RANGE_MM``: a wrong header,
+    e.g. metres or 1e38, is refused, not used); a :class:`DataError` naming ``name``."""
+    try:
+        return geometry.check_spacing(spacing, name, plausible_mm=SPACING_RANGE_MM).astype(np.float32)
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 # --- orientation and frames -------------------------------------------------------------------
@@ -225,7 +222,7 @@ def world_to_frame(points, affine):
     """World points ``(N, 3)`` as mm in the internal frame of the grid with ``affine``."""
     points = np.asarray(points, np.float64)
     index = np.linalg.solve(np.asarray(affine, np.float64), np.c_[points, np.ones(len(points))].T)
-    return (index[:3].T + 0.5) * np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return geometry.cell_centres(index[:3].T, np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 # --- reading images -----------------------------------------------------------------------------
@@ -507,12 +504,12 @@ def read_landmarks(path, spacing):
     if indices.shape[0] == 0 or indices.shape[1] != 3 or not np.all(np.isfinite(indices)):
         raise DataError(f"{path}: expected rows of 3 voxel indices x y z, got shape {indices.shape}")
     spacing = check_spacing(spacing, path)
-    return ((indices - 1.0 + 0.5) * spacing).astype(np.float32)
+    return geometry.cell_centres(indices - 1.0, spacing).astype(np.float32)  # 1-based indices
 
 
 def write_landmarks(path, points_mm, spacing, decimals=3):
     """Write mm positions as DIR-LAB 1-based voxel indices (``decimals=0`` gives integers)."""
-    indices = np.asarray(points_mm, np.float64) / check_spacing(spacing, path) - 0.5 + 1.0
+    indices = geometry.voxel_index(points_mm, check_spacing(spacing, path)) + 1.0  # 1-based
     fmt = "%d" if decimals == 0 else f"%.{decimals}f"
     np.savetxt(path, np.round(indices, decimals), fmt=fmt, delimiter="\t")
 
@@ -523,7 +520,7 @@ def landmarks_in_frame(path, stored_affine, frame_affine):
     world coordinates, so reorientation and resampling move the landmarks with the image."""
     stored_affine = np.asarray(stored_affine, np.float64)
     stored_spacing = spacing_of(stored_affine, path)
-    index = read_landmarks(path, stored_spacing) / stored_spacing - 0.5
+    index = geometry.voxel_index(read_landmarks(path, stored_spacing), stored_spacing)
     world = (stored_affine @ np.c_[index, np.ones(len(index))].T)[:3].T
     return world_to_frame(world, frame_affine).astype(np.float32)
 

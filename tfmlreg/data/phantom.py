@@ -27,14 +27,14 @@ import numpy as np
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from tfmlreg import geometry, metrics
+from tfmlreg.ct import AIR_HU, LOBE_LABELS, PARENCHYMA_HU, SOFT_TISSUE_HU
 from tfmlreg.data import io
 
-HU = {"air": -1000.0, "lung": -850.0, "tissue": 40.0, "bone": 700.0, "spine": 400.0,
+HU = {"air": AIR_HU, "lung": PARENCHYMA_HU, "tissue": SOFT_TISSUE_HU, "bone": 700.0, "spine": 400.0,
       "fissure": -700.0, "airway_wall": -100.0}
 DEFAULT_FOV_MM = 320.0
 BODY_AXES = (0.85, 0.62)  # semi-axes of the body ellipse in x, y (fraction of half the FOV)
 LUNG = {"centre_x": 0.36, "centre_y": -0.02, "centre_z": 0.02, "axes": (0.27, 0.44, 0.72)}
-LOBE_LABELS = {"LUL": 1, "LLL": 2, "RUL": 3, "RML": 4, "RLL": 5}
 TREE_GENERATIONS = 8
 AIRWAY_GENERATIONS = 4
 
@@ -57,8 +57,7 @@ class Frame:
         return np.asarray(q, np.float64) * self.half + self.half
 
     def grid(self, shape):
-        axes = [(np.arange(n) + 0.5) * h for n, h in zip(shape, self.spacing)]
-        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+        return geometry.grid_points_numpy(shape, self.spacing)
 
 
 def _smoothstep(t):
@@ -194,14 +193,14 @@ def _draw_tubes(shape, frame, segments, radius_scale=1.0):
     for start, end, radius, _ in segments:
         radius = radius * radius_scale
         reach = radius + 1.5 * voxel
-        low = np.maximum(np.floor((np.minimum(start, end) - reach) / frame.spacing - 0.5), 0).astype(int)
-        high = np.minimum(np.ceil((np.maximum(start, end) + reach) / frame.spacing + 0.5),
-                          np.asarray(shape)).astype(int)
+        low = np.maximum(np.floor(geometry.voxel_index(np.minimum(start, end) - reach, frame.spacing)),
+                         0).astype(int)
+        high = np.minimum(np.ceil(geometry.voxel_index(np.maximum(start, end) + reach, frame.spacing)
+                                  + 1.0), np.asarray(shape)).astype(int)
         if np.any(high <= low):
             continue
         box = tuple(slice(a, b) for a, b in zip(low, high))
-        axes = [(np.arange(a, b) + 0.5) * h for a, b, h in zip(low, high, frame.spacing)]
-        points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+        points = geometry.grid_points_numpy(high - low, frame.spacing, start=low)
         along = end - start
         t = np.clip(((points - start) @ along) / max(along @ along, 1e-9), 0.0, 1.0)
         distance = np.linalg.norm(points - (start + t[..., None] * along), axis=-1)
@@ -282,7 +281,8 @@ def make_pair(shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm=25.0, n_lan
     standard deviation of (inhale, exhale).
     """
     shape = tuple(int(n) for n in shape)
-    spacing = np.asarray(spacing if spacing is not None else default_spacing(shape), np.float32)
+    spacing = geometry.check_spacing(spacing if spacing is not None else default_spacing(shape))
+    spacing = spacing.astype(np.float32)
     rng = np.random.default_rng(seed)
     frame = Frame(shape, spacing)
     params = _case_parameters(rng, amplitude_mm)

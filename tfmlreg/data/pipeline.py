@@ -33,10 +33,9 @@ import tensorflow as tf
 from scipy.ndimage import gaussian_filter
 
 from tfmlreg import geometry
+from tfmlreg.ct import AIR_HU, NUM_LABELS
 from tfmlreg.data import io
 
-AIR_HU = -1000.0
-NUM_LABELS = 5  # the five lung lobes
 
 
 def network_spacing(image_shape, spacing, shape):

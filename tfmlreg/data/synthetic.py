@@ -43,6 +43,7 @@ from keras import ops
 from scipy import ndimage as ndi
 
 from tfmlreg import geometry, layers, metrics
+from tfmlreg.ct import AIR_HU
 from tfmlreg.data import io, pipeline
 
 LUNG_HU = -400.0  # air and lung parenchyma lie below
@@ -302,7 +303,7 @@ def _signed_distance(region, spacing):
 
 def _profiles(lungs, spacing, fade_below_mm):
     """The cranio-caudal, antero-posterior and lateral profiles of :class:`Anatomy`."""
-    centres = [(np.arange(n) + 0.5) * h for n, h in zip(lungs.shape, spacing)]
+    centres = [geometry.cell_centres(np.arange(n), h) for n, h in zip(lungs.shape, spacing)]
     where = np.nonzero(lungs)
     low, high = ([np.percentile(centres[k][where[k]], q) for k in range(3)] for q in (0.5, 99.5))
     z = centres[2]
@@ -315,10 +316,6 @@ def _profiles(lungs, spacing, fade_below_mm):
 
 
 # --- sampling (XLA-compiled geometry: tfmlreg.layers) ------------------------------------
-
-
-def _grid(shape, spacing):
-    return np.asarray(geometry.grid_points(shape, geometry.as_spacing(spacing, 1)))[0]
 
 
 def _sample(volume, points, spacing, fill_value=None):
@@ -515,7 +512,7 @@ def _compress_parenchyma(moving, moving_labels, inverse, spacing):
     HU) keep their density; the blend over -600..-400 HU avoids an edge at a threshold."""
     ratio = metrics.jacobian_determinant(inverse, spacing)
     parenchyma = np.clip((LUNG_HU - moving) / 200.0, 0.0, 1.0) * (moving_labels > 0)
-    return -1000.0 + (moving + 1000.0) * (1.0 + parenchyma * (ratio - 1.0))
+    return AIR_HU + (moving - AIR_HU) * (1.0 + parenchyma * (ratio - 1.0))
 
 
 def _moving_from_fixed(anatomy, displacement, residual_limit_mm, mass_conservation):
@@ -524,7 +521,7 @@ def _moving_from_fixed(anatomy, displacement, residual_limit_mm, mass_conservati
     inverse, residual = invert_displacement(displacement, spacing)
     if not np.all(np.isfinite(inverse)):
         raise ValueError("displacement: the inverse did not converge (non-finite values)")
-    points = _grid(anatomy.image.shape, spacing) + inverse
+    points = geometry.grid_points_numpy(anatomy.image.shape, spacing, np.float32) + inverse
     moving = _sample(anatomy.image, points, spacing)  # beyond the FOV: the border continues
     moving_labels = metrics.warp_labels(anatomy.labels, inverse, spacing).astype(np.int16)
     lung_residual = float(residual[moving_labels > 0].max(initial=0.0))
@@ -552,7 +549,7 @@ def vessel_landmarks(image, lungs, spacing, count=300, min_depth_voxels=2, name=
     peaks = inner & (blob == ndi.maximum_filter(blob, size=3)) & (blob > 20.0) & (fine > -800.0)
     index = np.argwhere(peaks)
     strength = blob[peaks]
-    points = (index + 0.5) * spacing
+    points = geometry.cell_centres(index, spacing)
     for cell_mm in 40.0 * 0.9 ** np.arange(40):
         keys = np.floor(points / cell_mm).astype(np.int64)
         order = np.lexsort((-strength, *keys.T[::-1]))  # by cell, strongest first in each
@@ -672,7 +669,7 @@ def stays_in_view(displacement, spacing, margin_mm=LANDMARK_MARGIN_MM):
     similarity measure's neighbourhood."""
     spacing = np.asarray(spacing, np.float64)
     shape = np.asarray(displacement.shape[:3])
-    target = _grid(shape, spacing) + displacement
+    target = geometry.grid_points_numpy(shape, spacing, np.float32) + displacement
     inside = (target >= margin_mm) & (target <= shape * spacing - margin_mm)
     return np.all(inside, axis=-1)
 

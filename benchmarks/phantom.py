@@ -1,7 +1,7 @@
 """The paper's comparison on the phantom benchmark, end to end, and docs/RESULTS.md from it.
 
-    python training/benchmark.py            # about an hour on 2 CPU cores
-    python training/benchmark.py --no-elastix
+    python benchmarks/phantom.py            # about an hour on 2 CPU cores
+    python benchmarks/phantom.py --no-elastix
 
 1. Phantom data: training (16 pairs), validation (2) and a held-out test set (6 pairs, seeds never
    used in training), 96³ at 320 mm field of view, up to ~25 mm cranio-caudal motion.
@@ -21,11 +21,12 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+CONFIGS = os.path.join(ROOT, "training")  # the arms' experiment configs
 
 from tfmlreg import evaluation, experiment  # noqa: E402
+from tfmlreg.ct import LOBE_NAMES  # noqa: E402
 from tfmlreg.data import io, phantom  # noqa: E402
 from tfmlreg.figures import save_dice_boxplot, save_overlays  # noqa: E402
 from tfmlreg.inference import KerasPredictor, register_pair  # noqa: E402
@@ -46,7 +47,7 @@ def train_arms():
     """``{arm: (predictor, training seconds or None when reused)}``."""
     arms = {}
     for arm, config_file in ARMS.items():
-        config = experiment.load_config(os.path.join(HERE, config_file))
+        config = experiment.load_config(os.path.join(CONFIGS, config_file))
         path = os.path.join(config["output"], "model.keras")
         seconds = None
         if not os.path.exists(path):
@@ -94,7 +95,7 @@ def write_results(results, arms, cases, first_case_images, total_seconds, large_
     methods = list(next(iter(results.values())))
     by_method = {m: [results[c][m] for c in results] for m in methods}
     tre = {m: {c: results[c][m]["tre"] for c in results} for m in methods}
-    labels = {k: evaluation.LOBE_NAMES[k] for k in sorted(by_method["initial"][0]["dice"])}
+    labels = {k: LOBE_NAMES[k] for k in sorted(by_method["initial"][0]["dice"])}
     save_dice_boxplot(os.path.join(figures, "benchmark_dice.png"),
                       {m: [r["dice"] for r in by_method[m]] for m in methods}, labels)
     first = cases[0]
@@ -108,7 +109,7 @@ def write_results(results, arms, cases, first_case_images, total_seconds, large_
         for arm, (_, seconds) in arms.items())
     text = f"""# Results on the phantom benchmark
 
-Produced by `python training/benchmark.py` (this file is written by it; {total_seconds / 60:.0f} min
+Produced by `python benchmarks/phantom.py` (this file is written by it; {total_seconds / 60:.0f} min
 on this run, 2 CPU cores). Test set: {len(cases)} held-out phantom pairs (seeds {TEST['seed']}–
 {TEST['seed'] + TEST['cases'] - 1}, {TEST['shape'][0]}³ at 320 mm field of view, inhale → exhale,
 up to ~25 mm cranio-caudal motion), never seen in training. All metrics at the pairs' full
