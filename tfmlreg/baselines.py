@@ -10,17 +10,23 @@ spacing and origin are given reversed, the origin is the first cell centre ``0.5
 displacement's components come back reversed.
 """
 
+from __future__ import annotations
+
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from tfmlreg.types import Array, Spacing
 
 BSPLINE_GRID_MM = 16.0
 RESOLUTIONS = 4
 ITERATIONS = 500
 
 
-def _itk():
+def _itk() -> Any:
     try:
         import itk
     except ImportError:
@@ -28,7 +34,7 @@ def _itk():
     return itk
 
 
-def _image(itk, array, spacing):
+def _image(itk: Any, array: ArrayLike, spacing: Spacing) -> Any:
     image = itk.GetImageFromArray(np.ascontiguousarray(array, np.float32))
     spacing = [float(h) for h in np.asarray(spacing)[::-1]]
     image.SetSpacing(spacing)
@@ -36,7 +42,7 @@ def _image(itk, array, spacing):
     return image
 
 
-def _parameters(itk, iterations):
+def _parameters(itk: Any, iterations: int) -> Any:
     parameters = itk.ParameterObject.New()
     bspline = parameters.GetDefaultParameterMap("bspline", RESOLUTIONS, BSPLINE_GRID_MM)
     bspline["MaximumNumberOfIterations"] = [str(iterations)]
@@ -45,7 +51,7 @@ def _parameters(itk, iterations):
     return parameters
 
 
-def _deformation_field(itk, moving_image, transform):
+def _deformation_field(itk: Any, moving_image: Any, transform: Any) -> Array:
     """The displacement of ``transform`` on the fixed grid (transformix writes a file as it goes:
     it goes to a temporary folder, not the caller's working directory)."""
     transformix = itk.TransformixFilter.New(moving_image)
@@ -57,7 +63,8 @@ def _deformation_field(itk, moving_image, transform):
         return np.array(itk.GetArrayFromImage(transformix.GetOutputDeformationField()))
 
 
-def elastix_register(fixed, moving, spacing, iterations=ITERATIONS, threads=None):
+def elastix_register(fixed: ArrayLike, moving: ArrayLike, spacing: Spacing,
+                     iterations: int = ITERATIONS, threads: int | None = None) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (same grid, ``(D, H, W)``, spacing mm); returns
     ``{"displacement": (D, H, W, 3) mm on the fixed grid, "seconds": wall time}``."""
     itk = _itk()

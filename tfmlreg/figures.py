@@ -15,7 +15,11 @@ continues beyond the scan). Given the displacement, such pixels are hatched and 
 difference image instead.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -25,8 +29,13 @@ import numpy as np  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from numpy.typing import ArrayLike  # noqa: E402
+
 from tfmlreg import geometry, metrics  # noqa: E402
 from tfmlreg.ct import DISPLAY_WINDOW  # noqa: E402
+from tfmlreg.types import Array, PathLike, Shape, Spacing  # noqa: E402
 
 ORANGE = np.array([1.0, 0.5, 0.0])  # one phase (the paper: inhale)
 BLUE = np.array([0.0, 0.5, 1.0])  # the other (exhale); orange + blue = white, so aligned = grey
@@ -40,24 +49,25 @@ PAIRS = {letter: "".join(sorted(letter + OPPOSITE[letter])) for letter in OPPOSI
 VIEWS = {"coronal": (0, 1), "sagittal": (1, 0)}  # view -> (array axis across, array axis cut)
 
 
-def _unit(image, window=DISPLAY_WINDOW):
+def _unit(image: ArrayLike, window: Sequence[float] = DISPLAY_WINDOW) -> Array:
     low, high = window
     return np.clip((np.asarray(image, np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-def overlay_rgb(first, second, window=DISPLAY_WINDOW):
+def overlay_rgb(first: ArrayLike, second: ArrayLike,
+                window: Sequence[float] = DISPLAY_WINDOW) -> Array:
     """RGB image (..., 3): ``first`` in orange plus ``second`` in blue; equal intensity is grey."""
     rgb = _unit(first, window)[..., None] * ORANGE + _unit(second, window)[..., None] * BLUE
     return np.clip(rgb, 0.0, 1.0)
 
 
-def slice_indices(shape):
+def slice_indices(shape: Shape) -> dict[str, int]:
     """``{view: index along the cut axis}``: coronal at the middle of axis 1, sagittal at 30%
     of axis 0."""
     return {"coronal": shape[1] // 2, "sagittal": int(shape[0] * SAGITTAL_AT)}
 
 
-def _views(volume):
+def _views(volume: ArrayLike) -> dict[str, Array]:
     """``{view: 2-D slice}`` of a volume (extra trailing axes kept), axis 2 vertical."""
     volume = np.asarray(volume)
     at = slice_indices(volume.shape)
@@ -65,12 +75,12 @@ def _views(volume):
             "sagittal": np.swapaxes(volume[at["sagittal"]], 0, 1)}
 
 
-def _extent(view, spacing, shape):
+def _extent(view: str, spacing: Array, shape: Shape) -> list[float]:
     across = VIEWS[view][0]
     return [0, shape[across] * spacing[across], 0, shape[2] * spacing[2]]
 
 
-def _check_axes(axes):
+def _check_axes(axes: str) -> str:
     codes = str(axes).upper()
     if len(codes) != 3 or {PAIRS.get(c) for c in codes} != {"LR", "AP", "IS"}:
         raise ValueError(f"axes: expected three orientation letters, one of R/L, A/P, S/I each "
@@ -78,7 +88,8 @@ def _check_axes(axes):
     return codes
 
 
-def _label_view(axis, view, spacing, shape, axes, index):
+def _label_view(axis: Axes, view: str, spacing: Array, shape: Shape, axes: str,
+                index: int) -> None:
     """Orientation letters at the four edges, the slice position, a scale bar; no ticks."""
     across, cut = VIEWS[view]
     letters = {(0.0, 0.5): OPPOSITE[axes[across]], (1.0, 0.5): axes[across],
@@ -103,13 +114,13 @@ def _label_view(axis, view, spacing, shape, axes, index):
               va="bottom", path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
 
 
-def _round_length(mm):
+def _round_length(mm: float) -> float:
     """The largest of 1, 2, 5 times a power of ten not above ``mm``."""
     power = 10.0 ** np.floor(np.log10(max(mm, 1e-6)))
     return max(step * power for step in (1, 2, 5) if step * power <= mm)
 
 
-def _outside(displacement, spacing, extent_mm):
+def _outside(displacement: Array, spacing: Array, extent_mm: Array) -> dict[str, Array]:
     """Voxels whose ``x + u(x)`` lies outside ``[0, extent_mm]`` (the moving scan), per view."""
     shape = np.shape(displacement)[:3]
     centres = [geometry.cell_centres(np.arange(n), h) for n, h in zip(shape, spacing)]
@@ -120,7 +131,7 @@ def _outside(displacement, spacing, extent_mm):
     return _views(out)
 
 
-def _jacobian_views(displacement, spacing):
+def _jacobian_views(displacement: ArrayLike, spacing: Array) -> dict[str, Array]:
     """det ∇y on the two view slices, from three-slice slabs (the whole volume's values)."""
     at = slice_indices(np.shape(displacement))
     out = {}
@@ -133,13 +144,14 @@ def _jacobian_views(displacement, spacing):
     return out
 
 
-def _hatch(axis, mask, extent):
+def _hatch(axis: Axes, mask: Array, extent: Sequence[float]) -> None:
     if mask.any():
         axis.contourf(mask.astype(float), levels=[0.5, 1.5], colors="none", hatches=["////"],
                       extent=extent, origin="lower")
 
 
-def save_figure(figure, path, formats=FORMATS, dpi=150):
+def save_figure(figure: Figure, path: PathLike, formats: Iterable[str] = FORMATS,
+                dpi: float = 150) -> list[str]:
     """Write ``figure`` as ``path`` with each of ``formats`` as suffix; returns the paths."""
     stem = os.path.splitext(os.fspath(path))[0]
     written = []
@@ -150,8 +162,11 @@ def save_figure(figure, path, formats=FORMATS, dpi=150):
     return written
 
 
-def save_overlays(path, fixed, panels, spacing, window=DISPLAY_WINDOW, *, displacement=None,
-                  moving_extent_mm=None, title=None, axes="RAS", formats=FORMATS):
+def save_overlays(path: PathLike, fixed: ArrayLike, panels: Mapping[str, ArrayLike],
+                  spacing: Spacing, window: Sequence[float] = DISPLAY_WINDOW, *,
+                  displacement: ArrayLike | None = None,
+                  moving_extent_mm: Spacing | None = None, title: str | None = None,
+                  axes: str = "RAS", formats: Iterable[str] = FORMATS) -> list[str]:
     """Overlays of ``panels`` (title -> moving-like image on the fixed grid, e.g. "before" and
     "after") on ``fixed`` (blue), coronal row above sagittal row, then the last panel's difference
     to the fixed image and, with ``displacement`` (mm on the fixed grid, the last panel's field),
@@ -218,7 +233,10 @@ def save_overlays(path, fixed, panels, spacing, window=DISPLAY_WINDOW, *, displa
     return save_figure(figure, path, formats)
 
 
-def save_dice_boxplot(path, dice_by_method, label_names, title=None, formats=FORMATS):
+def save_dice_boxplot(path: PathLike,
+                      dice_by_method: Mapping[str, Sequence[Mapping[Any, float]]],
+                      label_names: Mapping[Any, str], title: str | None = None,
+                      formats: Iterable[str] = FORMATS) -> list[str]:
     """Box plot of Dice per label and their mean, one box per method within each group (Fig. 1);
     the Dice axis spans the data (with a margin), not 0–1, so close boxes stay apart.
 
@@ -229,10 +247,11 @@ def save_dice_boxplot(path, dice_by_method, label_names, title=None, formats=FOR
     methods = list(dice_by_method)
     width = 0.8 / max(len(methods), 1)
     figure, axis = plt.subplots(figsize=(1.4 * len(groups) + 2, 4))
-    values = []
+    values: list[float] = []
     for index, method in enumerate(methods):
         cases = dice_by_method[method]
-        columns = [[np.nanmean([case[label] for label in label_names]) for case in cases]]
+        columns: list[list[Any]] = [
+            [np.nanmean([case[label] for label in label_names]) for case in cases]]
         columns += [[case[label] for case in cases] for label in sorted(label_names)]
         values += [v for column in columns for v in column]
         positions = np.arange(len(groups)) + (index - (len(methods) - 1) / 2) * width
@@ -246,20 +265,20 @@ def save_dice_boxplot(path, dice_by_method, label_names, title=None, formats=FOR
     axis.set_ylabel("Dice")
     axis.set_ylim(*dice_limits(values))
     axis.grid(axis="y", alpha=0.3)
-    cases = max((len(c) for c in dice_by_method.values()), default=0)
-    axis.set_title(f"{title + ': ' if title else ''}Dice per label and mean, {cases} case(s)",
+    most = max((len(c) for c in dice_by_method.values()), default=0)
+    axis.set_title(f"{title + ': ' if title else ''}Dice per label and mean, {most} case(s)",
                    fontsize=10)
     axis.legend(fontsize=8, loc="best")
     figure.tight_layout()
     return save_figure(figure, path, formats)
 
 
-def dice_limits(values):
+def dice_limits(values: ArrayLike) -> tuple[float, float]:
     """The Dice axis: the data's range plus 5% of it (at least 0.01) each side, within [0, 1]."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+    finite = np.asarray(values, float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
         return 0.0, 1.0
-    low, high = float(values.min()), float(values.max())
+    low, high = float(finite.min()), float(finite.max())
     margin = max(0.05 * (high - low), 0.01)
     return max(0.0, low - margin), min(1.0, high + margin)

@@ -16,12 +16,16 @@ each spatial size must be at least 3. All arithmetic is float32 whatever the Ker
 (inputs are cast), and everything is ``keras.ops`` with static spatial shapes, so it runs under XLA.
 """
 
+from __future__ import annotations
+
 import numbers
+from typing import Any
 
 import keras
 from keras import ops
 
 from tfmlreg.geometry import FLOAT, as_spacing, check_spacing, spatial_shape
+from tfmlreg.types import Spacing, Tensor
 
 __all__ = [
     "ngf",
@@ -38,7 +42,7 @@ __all__ = [
 # --- finite differences on the interior ---------------------------------------------------------
 
 
-def _prepare(volume, name):
+def _prepare(volume: Tensor, name: str) -> tuple[Tensor, tuple[int, ...]]:
     """Cast to float32 and check the volume is 5-D with every spatial size >= 3."""
     volume = ops.cast(volume, FLOAT)
     dims = spatial_shape(volume)
@@ -47,19 +51,19 @@ def _prepare(volume, name):
     return volume, dims
 
 
-def _shifted(volume, dims, axis, offset):
+def _shifted(volume: Tensor, dims: tuple[int, ...], axis: int, offset: int) -> Tensor:
     """The interior crop ``[1:-1]^3`` of ``volume`` moved by ``offset`` voxels along spatial ``axis``."""
     index = [slice(None)] + [slice(1, n - 1) for n in dims] + [slice(None)]
     index[axis + 1] = slice(1 + offset, dims[axis] - 1 + offset)
     return volume[tuple(index)]
 
 
-def _axis_spacing(spacing, axis):
+def _axis_spacing(spacing: Tensor, axis: int) -> Tensor:
     """Spacing of one axis as ``(B, 1, 1, 1, 1)``, broadcasting against batched volumes."""
     return ops.reshape(spacing[:, axis], (-1, 1, 1, 1, 1))
 
 
-def _gradient(volume, dims, spacing):
+def _gradient(volume: Tensor, dims: tuple[int, ...], spacing: Tensor) -> list[Tensor]:
     """Central-difference gradient on the interior: three ``(B, D-2, H-2, W-2, C)`` tensors (units/mm)."""
     return [
         (_shifted(volume, dims, k, 1) - _shifted(volume, dims, k, -1)) / (2.0 * _axis_spacing(spacing, k))
@@ -67,7 +71,7 @@ def _gradient(volume, dims, spacing):
     ]
 
 
-def _laplacian(volume, dims, spacing):
+def _laplacian(volume: Tensor, dims: tuple[int, ...], spacing: Tensor) -> Tensor:
     """7-point Laplacian with spacing on the interior, ``(B, D-2, H-2, W-2, C)`` (units/mm²)."""
     centre = _shifted(volume, dims, 0, 0)
     return sum(
@@ -77,7 +81,7 @@ def _laplacian(volume, dims, spacing):
     )
 
 
-def _voxel_mean(values):
+def _voxel_mean(values: Tensor) -> Tensor:
     """Mean over the spatial axes, ``(B, D, H, W, C)`` -> ``(B, C)``."""
     return ops.mean(values, axis=(1, 2, 3))
 
@@ -85,12 +89,13 @@ def _voxel_mean(values):
 # --- the three terms ------------------------------------------------------------------------------
 
 
-def _check_epsilon(epsilon):
-    if isinstance(epsilon, numbers.Number) and not epsilon > 0:
+def _check_epsilon(epsilon: float | Tensor) -> None:
+    if isinstance(epsilon, numbers.Real) and not float(epsilon) > 0:
         raise ValueError(f"epsilon: must be > 0 (intensity units per mm), got {epsilon}")
 
 
-def ngf(fixed, warped, spacing, epsilon, weights=None):
+def ngf(fixed: Tensor, warped: Tensor, spacing: Spacing, epsilon: float | Tensor,
+        weights: Tensor | None = None) -> Tensor:
     """Normalised gradient fields distance per sample, ``(B,)``, in [0, 1].
 
     ``NGF(F, M) = mean_x [1 - (∇F·∇M + ε²)² / ((|∇F|² + ε²)(|∇M|² + ε²))]`` over interior voxels.
@@ -122,7 +127,7 @@ def ngf(fixed, warped, spacing, epsilon, weights=None):
     return ops.mean(_voxel_mean(weights * (1.0 - alignment)) / total, axis=-1)
 
 
-def curvature(displacement, spacing):
+def curvature(displacement: Tensor, spacing: Spacing) -> Tensor:
     """Curvature regulariser per sample, ``(B,)``: ``S(u) = 1/2 Σ_c mean_x (Δ_h u_c)²`` (mm⁻²).
 
     ``displacement`` is ``(B, D, H, W, 3)`` in mm; ``Δ_h`` is the 7-point Laplacian with the
@@ -134,7 +139,7 @@ def curvature(displacement, spacing):
     return 0.5 * ops.sum(_voxel_mean(ops.square(laplacian)), axis=-1)
 
 
-def folding(displacement, spacing, threshold=0.1):
+def folding(displacement: Tensor, spacing: Spacing, threshold: float = 0.1) -> Tensor:
     """Folding penalty per sample, ``(B,)``: ``mean_x max(0, t − det(I + ∇u))²`` (dimensionless).
 
     ``det(I + ∇u)`` with central differences on interior voxels (as in :func:`curvature`); zero
@@ -151,7 +156,7 @@ def folding(displacement, spacing, threshold=0.1):
     return ops.mean(ops.square(ops.relu(threshold - det)), axis=(1, 2, 3))
 
 
-def mask_distance(fixed_onehot, warped_onehot):
+def mask_distance(fixed_onehot: Tensor, warped_onehot: Tensor) -> Tensor:
     """Mask term per sample, ``(B,)``: ``mean_{x,k} (b_F,k(x) − b_M,k(y(x)))²`` (dimensionless).
 
     Both are ``(B, D, H, W, K)`` one-hot (or warped, fractional) masks of the labels ``1..K``; the
@@ -168,7 +173,7 @@ def mask_distance(fixed_onehot, warped_onehot):
 # --- the training objective (paper eq. 2) ---------------------------------------------------------
 
 
-def displacement_error(displacement, truth):
+def displacement_error(displacement: Tensor, truth: Tensor) -> Tensor:
     """Per-sample ``mean_x |u(x) - u_true(x)|²`` (mm²), ``(B,)``: the supervised term, for
     training data with exact ground truth (synthetic motion)."""
     squared = ops.sum(ops.square(ops.cast(displacement, "float32") - ops.cast(truth, "float32")), axis=-1)
@@ -176,8 +181,10 @@ def displacement_error(displacement, truth):
 
 
 def registration_loss_terms(
-    fixed, warped, displacement, spacing, alpha, beta, epsilon, fixed_onehot=None, warped_onehot=None
-):
+    fixed: Tensor, warped: Tensor, displacement: Tensor, spacing: Spacing, alpha: float | Tensor,
+    beta: float | Tensor, epsilon: float | Tensor, fixed_onehot: Tensor | None = None,
+    warped_onehot: Tensor | None = None,
+) -> dict[str, Tensor]:
     """The per-sample loss and its parts, each ``(B,)``: ``{"ngf", "curvature", ["mask"], "loss"}``.
 
     ``loss = NGF(F, M(y)) + alpha * S(u) + beta / 2 * mask term``. The mask term (and its key) is
@@ -198,8 +205,10 @@ def registration_loss_terms(
 
 
 def registration_loss(
-    fixed, warped, displacement, spacing, alpha, beta, epsilon, fixed_onehot=None, warped_onehot=None
-):
+    fixed: Tensor, warped: Tensor, displacement: Tensor, spacing: Spacing, alpha: float | Tensor,
+    beta: float | Tensor, epsilon: float | Tensor, fixed_onehot: Tensor | None = None,
+    warped_onehot: Tensor | None = None,
+) -> Tensor:
     """Per-sample training loss ``(B,)``: ``NGF + alpha * S(u) + beta / 2 * mask``.
 
     See :func:`registration_loss_terms` for the arguments and the parts.
@@ -212,7 +221,7 @@ def registration_loss(
 # --- Keras Loss classes ---------------------------------------------------------------------------
 
 
-def _spacing_config(spacing):
+def _spacing_config(spacing: Spacing) -> float | list[float]:
     """A JSON-friendly spacing for ``get_config``: a float or a list of 3 floats (mm), checked
     (:func:`tfmlreg.geometry.check_spacing`)."""
     values = check_spacing(ops.convert_to_numpy(spacing) if ops.is_tensor(spacing) else spacing)
@@ -228,16 +237,17 @@ class NGF(keras.losses.Loss):
     because a Keras loss sees only ``(y_true, y_pred)``: for per-sample spacing call :func:`ngf`.
     """
 
-    def __init__(self, epsilon=0.01, spacing=1.0, name="ngf", reduction="sum_over_batch_size", dtype=None):
+    def __init__(self, epsilon: float = 0.01, spacing: Spacing = 1.0, name: str = "ngf",
+                 reduction: str | None = "sum_over_batch_size", dtype: Any = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         _check_epsilon(epsilon)
         self.epsilon = float(epsilon)
         self.spacing = _spacing_config(spacing)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return ngf(y_true, y_pred, self.spacing, self.epsilon)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "epsilon": self.epsilon, "spacing": self.spacing}
 
 
@@ -248,15 +258,16 @@ class Curvature(keras.losses.Loss):
     ``y_true`` is ignored (pass anything, e.g. zeros). ``spacing`` in mm, scalar or ``(3,)``.
     """
 
-    def __init__(self, spacing=1.0, name="curvature", reduction="sum_over_batch_size", dtype=None):
+    def __init__(self, spacing: Spacing = 1.0, name: str = "curvature",
+                 reduction: str | None = "sum_over_batch_size", dtype: Any = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.spacing = _spacing_config(spacing)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         del y_true  # a regulariser of the prediction alone
         return curvature(y_pred, self.spacing)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "spacing": self.spacing}
 
 
@@ -267,8 +278,9 @@ class MaskDistance(keras.losses.Loss):
     Both ``(B, D, H, W, K)`` over the labels ``1..K`` (background excluded).
     """
 
-    def __init__(self, name="mask_distance", reduction="sum_over_batch_size", dtype=None):
+    def __init__(self, name: str = "mask_distance", reduction: str | None = "sum_over_batch_size",
+                 dtype: Any = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return mask_distance(y_true, y_pred)

@@ -19,6 +19,11 @@ export, :meth:`MultilevelRegistration.for_inference` gives a copy with the batch
 folded into the convolutions and the networks in a chosen precision (geometry stays float32).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import keras
 from keras import ops
 
@@ -26,6 +31,7 @@ from tfmlreg import geometry, layers, losses
 from tfmlreg.ct import HU_WINDOW as DEFAULT_WINDOW  # the model's default (refinement's too)
 from tfmlreg.layers import IntensityWindow, serializable
 from tfmlreg.networks import BATCHNORM_MOMENTUM, fold_batchnorm, required_divisor, unet
+from tfmlreg.types import Shape, Tensor
 
 LOSS_TERMS = ("ngf", "curvature", "mask", "supervised")
 # network precision -> the U-Nets' Keras dtype policy (None: the global policy)
@@ -57,10 +63,12 @@ class MultilevelRegistration(keras.Model):
     (the folded inference topology, made by :meth:`for_inference`, not for training).
     """
 
-    def __init__(self, shape, levels=3, base_filters=16, depth=3, convs_per_block=2,
-                 intensity_window=DEFAULT_WINDOW, alpha=1.0, beta=1.0, epsilon=0.01, gamma=0.0,
-                 batchnorm_momentum=BATCHNORM_MOMENTUM, active_level=1, precision=None,
-                 batchnorm=True, **kwargs):
+    def __init__(self, shape: Shape, levels: int = 3, base_filters: int = 16, depth: int = 3,
+                 convs_per_block: int = 2,
+                 intensity_window: Sequence[float] = DEFAULT_WINDOW, alpha: float = 1.0,
+                 beta: float = 1.0, epsilon: float = 0.01, gamma: float = 0.0,
+                 batchnorm_momentum: float = BATCHNORM_MOMENTUM, active_level: int = 1,
+                 precision: str | None = None, batchnorm: bool = True, **kwargs: Any) -> None:
         trainable_levels = kwargs.pop("trainable_levels", None)  # as get_config saved them
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
@@ -97,27 +105,27 @@ class MultilevelRegistration(keras.Model):
 
     # --- levels -------------------------------------------------------------------------------
 
-    def net(self, level):
+    def net(self, level: int) -> keras.Model:
         """The U-Net of ``level`` (1 = finest)."""
         return self.nets[level - 1]
 
-    def _check_level(self, level):
+    def _check_level(self, level: int) -> int:
         if not 1 <= int(level) <= self.levels:
             raise ValueError(f"active_level: expected 1..{self.levels}, got {level}")
         return int(level)
 
-    def set_active_level(self, level):
+    def set_active_level(self, level: int) -> None:
         """Compute levels ``L..level`` and freeze all but ``level``'s network. Recompile after."""
         self.active_level = self._check_level(level)
         for index, net in enumerate(self.nets, start=1):
             net.trainable = index == level
 
-    def level_spacing(self, spacing, level):
+    def level_spacing(self, spacing: Tensor, level: int) -> Tensor:
         return spacing * float(2 ** (level - 1))
 
     # --- inference ----------------------------------------------------------------------------
 
-    def for_inference(self, precision="float32"):
+    def for_inference(self, precision: str | None = "float32") -> MultilevelRegistration:
         """A copy for inference and export: batch normalisation folded into the convolutions
         (the same output to float32 rounding), the U-Nets in ``precision``; see
         :meth:`load_folded`."""
@@ -126,7 +134,7 @@ class MultilevelRegistration(keras.Model):
         copy = MultilevelRegistration(**config)
         return copy.load_folded(self)
 
-    def load_folded(self, source):
+    def load_folded(self, source: MultilevelRegistration) -> MultilevelRegistration:
         """Set this folded copy's weights from ``source`` (a model with batch normalisation)."""
         if self.batchnorm or not source.batchnorm:
             raise ValueError("source: expected a model with batch normalisation, self a folded copy")
@@ -136,7 +144,8 @@ class MultilevelRegistration(keras.Model):
 
     # --- forward ------------------------------------------------------------------------------
 
-    def __call__(self, inputs, *args, **kwargs):
+    def __call__(self, inputs: Mapping[str, Tensor], *args: Any,
+                 **kwargs: Any) -> dict[str, Tensor]:
         # before Keras' call machinery, so a wrong structure is one line, not a KeyError inside
         if not (isinstance(inputs, dict) and {"fixed", "moving", "spacing"} <= set(inputs)):
             got = (f"a dict with keys {sorted(inputs)}" if isinstance(inputs, dict) else
@@ -146,7 +155,7 @@ class MultilevelRegistration(keras.Model):
                              "...} (plus optional masks), got " + got)
         return super().__call__(inputs, *args, **kwargs)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Mapping[str, Tensor], training: bool | None = None) -> dict[str, Tensor]:
         fixed, moving = inputs["fixed"], inputs["moving"]
         spacing = geometry.as_spacing(inputs["spacing"], ops.shape(fixed)[0])
         fixed_levels = geometry.pyramid(self.normalise(fixed), self.levels)
@@ -163,7 +172,8 @@ class MultilevelRegistration(keras.Model):
         outputs["warped"] = layers.warp(moving, displacement, spacing, self.normalise.window[0])
         return outputs
 
-    def _refine(self, level, coarse_total, fixed_levels, moving_levels, spacing, training):
+    def _refine(self, level: int, coarse_total: Tensor | None, fixed_levels: Sequence[Tensor],
+                moving_levels: Sequence[Tensor], spacing: Tensor, training: bool | None) -> Tensor:
         """One step of Algorithm 1: warp ``M_l`` by the prolongated coarse total, run the level's net."""
         level_spacing = self.level_spacing(spacing, level)
         level_dims = geometry.level_shape(self.shape, level)
@@ -182,7 +192,8 @@ class MultilevelRegistration(keras.Model):
 
     # --- training -----------------------------------------------------------------------------
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None,
+                     sample_weight: Any = None, training: bool = True) -> Tensor:
         """Eq. 2 on the active level's grid; ``y`` is unused (unsupervised + masks from ``x``)."""
         terms = self.loss_terms(x, y_pred)
         for name in LOSS_TERMS:
@@ -192,7 +203,7 @@ class MultilevelRegistration(keras.Model):
         extra = self.losses
         return loss + ops.sum(extra) if extra else loss
 
-    def loss_terms(self, inputs, outputs):
+    def loss_terms(self, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample ``{"loss", "ngf", "curvature", "mask"[, "supervised"]}`` on the active level:
         eq. 2, plus ``gamma`` times the supervised term when ``inputs`` has ``"displacement"``."""
         level = self.active_level
@@ -217,12 +228,12 @@ class MultilevelRegistration(keras.Model):
             terms["loss"] = terms["loss"] + self.gamma * terms["supervised"]
         return terms
 
-    def _at_level(self, volume, level):
+    def _at_level(self, volume: Tensor, level: int) -> Tensor:
         return geometry.pyramid(volume, level)[-1]
 
     # --- Keras plumbing -----------------------------------------------------------------------
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
             "shape": self.shape, "levels": self.levels, "base_filters": self.base_filters,

@@ -13,9 +13,13 @@ For inference and export the batch normalisation is folded into the convolutions
 convolutions and no normalisation layers, and the folded weights give the same output.
 """
 
+from __future__ import annotations
+
 import keras
 import numpy as np
 from keras import layers
+
+from tfmlreg.types import Shape, Tensor
 
 # Start the displacement head near zero: an untrained network is close to the identity map.
 FLOW_HEAD_STDDEV = 1e-5
@@ -25,12 +29,14 @@ FLOW_HEAD_STDDEV = 1e-5
 BATCHNORM_MOMENTUM = 0.9
 
 
-def required_divisor(depth):
+def required_divisor(depth: int) -> int:
     """Each spatial size must be a multiple of this for ``depth`` resolution levels."""
     return 2 ** (depth - 1)
 
 
-def _conv_block(x, filters, convs, initializer, momentum, batchnorm, dtype, name):
+def _conv_block(x: Tensor, filters: int, convs: int,
+                initializer: str | keras.initializers.Initializer, momentum: float,
+                batchnorm: bool, dtype: str | None, name: str) -> Tensor:
     for i in range(convs):
         x = layers.Conv3D(
             filters, 3, padding="same", use_bias=not batchnorm, kernel_initializer=initializer,
@@ -42,9 +48,10 @@ def _conv_block(x, filters, convs, initializer, momentum, batchnorm, dtype, name
     return x
 
 
-def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
-         kernel_initializer="glorot_uniform", batchnorm_momentum=BATCHNORM_MOMENTUM, name="unet",
-         batchnorm=True, dtype=None):
+def unet(input_shape: Shape, base_filters: int = 16, depth: int = 3, convs_per_block: int = 2,
+         kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+         batchnorm_momentum: float = BATCHNORM_MOMENTUM, name: str = "unet",
+         batchnorm: bool = True, dtype: str | None = None) -> keras.Model:
     """A functional ``keras.Model`` ``(D, H, W, 2) -> (D, H, W, 3)`` displacement in voxels.
 
     ``kernel_initializer`` defaults to Xavier uniform (Glorot), as in the paper; the flow head
@@ -60,7 +67,7 @@ def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
         )
     inputs = keras.Input(shape=tuple(input_shape[:3]) + (2,), name=f"{name}_input")
     x = inputs
-    skips = []
+    skips: list[Tensor] = []
     for level in range(depth):
         filters = base_filters * 2 ** level
         x = _conv_block(x, filters, convs_per_block, kernel_initializer,
@@ -84,7 +91,7 @@ def unet(input_shape, base_filters=16, depth=3, convs_per_block=2,
     return keras.Model(inputs, flow, name=name)
 
 
-def fold_batchnorm(source, target):
+def fold_batchnorm(source: keras.Model, target: keras.Model) -> None:
     """Set ``target`` (a ``unet(..., batchnorm=False)``) to ``source`` (the same net with
     batch normalisation) with each inference-mode normalisation folded into its convolution:
     ``W' = W·γ/√(σ² + ε)``, ``b' = β − μ·γ/√(σ² + ε)`` per output channel (in float64)."""

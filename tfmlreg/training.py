@@ -27,19 +27,33 @@ under ``log_dir/level{l}/``. ``BackupAndRestore`` cannot span stages (``checkpoi
 job) and is refused.
 """
 
+from __future__ import annotations
+
 import csv
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
 
+from tfmlreg.types import PathLike
+
+if TYPE_CHECKING:
+    from tfmlreg.model import MultilevelRegistration
+
 INITS = ("pretrained", "xavier")
 
 
-def fit_progressive(model, train_data, epochs_per_level, init="pretrained", validation_data=None,
-                    callbacks=None, optimizer=None, learning_rate=1e-3, checkpoint_dir=None,
-                    jit_compile="auto", verbose="auto", **fit_kwargs):
+def fit_progressive(model: MultilevelRegistration, train_data: Any,
+                    epochs_per_level: int | Sequence[int], init: str = "pretrained",
+                    validation_data: Any = None,
+                    callbacks: Iterable[keras.callbacks.Callback] | None = None,
+                    optimizer: Callable[[], keras.optimizers.Optimizer] | None = None,
+                    learning_rate: float = 1e-3, checkpoint_dir: PathLike | None = None,
+                    jit_compile: bool | str = "auto", verbose: int | str = "auto",
+                    **fit_kwargs: Any) -> dict[int, keras.callbacks.History]:
     """Train ``model`` (a :class:`~tfmlreg.model.MultilevelRegistration`) coarse to fine.
 
     ``init="pretrained"``: a finer network starts from the weights of the level below it (the
@@ -61,11 +75,12 @@ def fit_progressive(model, train_data, epochs_per_level, init="pretrained", vali
         fit_kwargs.setdefault("shuffle", False)  # a Dataset shuffles itself; Keras warns otherwise
     callbacks = list(callbacks or [])
     stages = _PerStage(callbacks)
-    histories = {}
+    histories: dict[int, keras.callbacks.History] = {}
     try:
         for level, level_epochs in zip(range(model.levels, 0, -1), epochs):
             model.set_active_level(level)
             if level in done:
+                assert checkpoint_dir is not None  # done is empty without one
                 model.load_weights(_checkpoint(checkpoint_dir, level))
                 continue
             stages.start(level)
@@ -96,18 +111,18 @@ class _PerStage:
     """Makes Keras' callbacks, reused by every stage's ``fit``, behave per stage (module
     docstring); :meth:`restore` gives them back their own settings after the run."""
 
-    def __init__(self, callbacks):
+    def __init__(self, callbacks: list[keras.callbacks.Callback]) -> None:
         for callback in callbacks:
             if isinstance(callback, keras.callbacks.BackupAndRestore):
                 raise ValueError("callbacks: BackupAndRestore cannot span fit_progressive's stages "
                                  "(its epoch would apply to the next stage); pass checkpoint_dir")
         self.callbacks, self.started = callbacks, False
         # a ModelCheckpoint's best so far is its initial_value_threshold until it first saves
-        self.settings = {id(c): {"best": getattr(c, "best", None),
+        self.settings: dict[int, dict[str, Any]] = {id(c): {"best": getattr(c, "best", None),
                                  "append": getattr(c, "append", None),
                                  "log_dir": getattr(c, "log_dir", None)} for c in callbacks}
 
-    def start(self, level):
+    def start(self, level: int) -> None:
         for callback in self.callbacks:
             own = self.settings[id(callback)]
             if isinstance(callback, keras.callbacks.ModelCheckpoint):
@@ -118,7 +133,7 @@ class _PerStage:
                 callback.log_dir = os.path.join(own["log_dir"], f"level{level}")
         self.started = True
 
-    def restore(self):
+    def restore(self) -> None:
         for callback in self.callbacks:
             own = self.settings[id(callback)]
             if isinstance(callback, keras.callbacks.CSVLogger):
@@ -127,7 +142,7 @@ class _PerStage:
                 callback.log_dir = own["log_dir"]
 
 
-def recalibrate_batchnorm(model, data, batches=32):
+def recalibrate_batchnorm(model: keras.Model, data: tf.data.Dataset, batches: int = 32) -> None:
     """Re-estimate the trainable network's batch-norm statistics with its final weights.
 
     During training the moving averages trail weights that keep changing; inference (and the
@@ -144,7 +159,7 @@ class LevelInLogs(keras.callbacks.Callback):
     """Adds the stage's ``level`` to each epoch's logs, so CSV logs and histories say which
     network was training (callbacks after it, such as ``CSVLogger``, see the key)."""
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:
             logs["level"] = self.model.active_level
 
@@ -159,21 +174,21 @@ class StageBackup(keras.callbacks.Callback):
     and its restored epoch would also apply to the next stage's ``fit``.)
     """
 
-    def __init__(self, checkpoint_dir, level):
+    def __init__(self, checkpoint_dir: PathLike, level: int) -> None:
         super().__init__()
         self.directory, self.level = os.fspath(checkpoint_dir), level
         self.record = os.path.join(self.directory, f"level{level}.backup.json")
 
-    def _weights(self, epochs):
+    def _weights(self, epochs: int) -> str:
         return os.path.join(self.directory, f"level{self.level}.epoch{epochs}.weights.h5")
 
-    def completed_epochs(self):
+    def completed_epochs(self) -> int:
         if not os.path.exists(self.record):
             return 0
         with open(self.record) as handle:
             return int(json.load(handle)["completed_epochs"])
 
-    def restore(self, model):
+    def restore(self, model: keras.Model) -> int:
         """Load the last backed-up state into ``model`` (compiled); returns the epochs done."""
         epochs = self.completed_epochs()
         if epochs:
@@ -181,7 +196,7 @@ class StageBackup(keras.callbacks.Callback):
             model.load_weights(self._weights(epochs))
         return epochs
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         previous = self.completed_epochs()
         os.makedirs(self.directory, exist_ok=True)
         self.model.save_weights(self._weights(epoch + 1))
@@ -189,7 +204,7 @@ class StageBackup(keras.callbacks.Callback):
         if previous and previous != epoch + 1:
             _remove_file(self._weights(previous))
 
-    def remove(self):
+    def remove(self) -> None:
         """Delete the record, then every epoch file of the level (a kill may have left two)."""
         _remove_file(self.record)
         prefix = f"level{self.level}.epoch"
@@ -207,13 +222,13 @@ class StageCSVLogger(keras.callbacks.Callback):
     a resumed run's log holds every epoch once.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: PathLike) -> None:
         super().__init__()
         self.path = os.fspath(path)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         level = self.model.active_level
-        rows = [row for row in read_log(self.path)
+        rows: list[dict[str, Any]] = [row for row in read_log(self.path)
                 if not (int(row["level"]) == level and int(row["epoch"]) >= epoch)]
         values = {key: value for key, value in (logs or {}).items() if key != "level"}
         rows.append({"level": level, "epoch": epoch, **values})
@@ -226,7 +241,7 @@ class StageCSVLogger(keras.callbacks.Callback):
         os.replace(temporary, self.path)
 
 
-def read_log(path):
+def read_log(path: PathLike) -> list[dict[str, str]]:
     """The rows of a :class:`StageCSVLogger` file (dicts of strings); none if it does not exist."""
     if not os.path.exists(path):
         return []
@@ -234,14 +249,14 @@ def read_log(path):
         return list(csv.DictReader(handle))
 
 
-def _write_json(path, value):
+def _write_json(path: PathLike, value: Any) -> None:
     temporary = f"{path}.partial"
     with open(temporary, "w") as handle:
         json.dump(value, handle)
     os.replace(temporary, path)
 
 
-def _remove_partial_files(directory):
+def _remove_partial_files(directory: PathLike | None) -> None:
     """Temporary files of a write that a kill interrupted (the write is redone when needed)."""
     if directory is not None and os.path.isdir(directory):
         for name in os.listdir(directory):
@@ -249,12 +264,12 @@ def _remove_partial_files(directory):
                 _remove_file(os.path.join(directory, name))
 
 
-def _remove_file(path):
+def _remove_file(path: PathLike) -> None:
     if os.path.exists(path):
         os.remove(path)
 
 
-def _epochs_per_level(epochs, levels):
+def _epochs_per_level(epochs: int | Sequence[int], levels: int) -> list[int]:
     if isinstance(epochs, int):
         return [epochs] * levels
     epochs = [int(e) for e in epochs]
@@ -263,7 +278,7 @@ def _epochs_per_level(epochs, levels):
     return epochs
 
 
-def _initialise(model, level, init):
+def _initialise(model: MultilevelRegistration, level: int, init: str) -> None:
     """Give level ``level``'s network its starting weights (batch-norm statistics included)."""
     net = model.net(level)
     if init == "pretrained":
@@ -272,7 +287,7 @@ def _initialise(model, level, init):
         reinitialise(net)
 
 
-def reinitialise(net):
+def reinitialise(net: keras.Model) -> None:
     """Redraw every weight of ``net`` from its layer's own initialiser (Xavier for the convs)."""
     for layer in net.layers:
         for name in ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance"):
@@ -282,22 +297,23 @@ def reinitialise(net):
                 variable.assign(initializer(variable.shape, variable.dtype))
 
 
-def _checkpoint(checkpoint_dir, level):
+def _checkpoint(checkpoint_dir: PathLike, level: int) -> str:
     return os.path.join(checkpoint_dir, f"level{level}.weights.h5")
 
 
-def _progress_file(checkpoint_dir):
+def _progress_file(checkpoint_dir: PathLike) -> str:
     return os.path.join(checkpoint_dir, "progress.json")
 
 
-def _finished_levels(checkpoint_dir):
+def _finished_levels(checkpoint_dir: PathLike | None) -> set[int]:
     if checkpoint_dir is None or not os.path.exists(_progress_file(checkpoint_dir)):
         return set()
     with open(_progress_file(checkpoint_dir)) as handle:
         return set(json.load(handle)["finished_levels"])
 
 
-def _save_stage(model, checkpoint_dir, level, done):
+def _save_stage(model: keras.Model, checkpoint_dir: PathLike | None, level: int,
+                done: set[int]) -> None:
     if checkpoint_dir is None:
         return
     os.makedirs(checkpoint_dir, exist_ok=True)

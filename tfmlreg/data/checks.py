@@ -7,14 +7,22 @@ landmark files pair up row by row, and every landmark lies inside its image, whe
 but meaningless error in mm after the whole registration.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from tfmlreg.data.io import DataError
+from tfmlreg.types import PathLike, Shape, Spacing
 
 TOLERANCE_MM = 1e-3  # landmarks on the domain's boundary (phantoms write exact positions) are in
 
 
-def check_pair(pair, sources=None):
+def check_pair(pair: Mapping[str, Any],
+               sources: Mapping[str, PathLike | None] | None = None) -> None:
     """Raise a one-line :class:`DataError` naming the file if the pair's parts disagree.
 
     ``pair`` is a pair dict (:func:`tfmlreg.data.io.load_pair`); ``sources`` maps its keys
@@ -23,7 +31,7 @@ def check_pair(pair, sources=None):
     """
     sources = sources or {}
 
-    def source(key):
+    def source(key: str) -> str:
         return str(sources.get(key) or f"{pair.get('name', 'pair')}: {key}")
 
     fixed, moving = pair.get("fixed_landmarks"), pair.get("moving_landmarks")
@@ -37,7 +45,7 @@ def check_pair(pair, sources=None):
                          source(f"{side}_landmarks"))
 
 
-def check_inside(points_mm, shape, spacing, name):
+def check_inside(points_mm: ArrayLike, shape: Shape, spacing: Spacing, name: str) -> None:
     """Every point ``(N, 3)`` (mm) lies in the domain ``[0, n·h]`` of the grid ``shape``."""
     points = np.asarray(points_mm, np.float64).reshape(-1, 3)
     extent = np.asarray(shape[:3], np.float64) * np.broadcast_to(np.asarray(spacing, np.float64), (3,))

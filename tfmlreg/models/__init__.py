@@ -9,14 +9,17 @@ The default model is, in this order: the ``TFMLREG_MODEL`` environment variable 
 else the shipped ``demo``. Importing this module does not import TensorFlow.
 """
 
+from __future__ import annotations
+
 import os
 from importlib import resources
+from typing import cast
 
 MODEL_VARIABLE = "TFMLREG_MODEL"
 DEFAULT = "demo"
 
 
-def shipped(name=DEFAULT):
+def shipped(name: str = DEFAULT) -> str:
     """The folder of the shipped model ``name`` (a model root: ``1/`` and ``model.keras``)."""
     root = resources.files(__name__).joinpath(name)
     if not root.is_dir():
@@ -25,11 +28,11 @@ def shipped(name=DEFAULT):
         raise FileNotFoundError(f"model {name!r}: not shipped with tfmlreg (shipped: "
                                 f"{', '.join(available) or 'none'})")
     # A SavedModel is loaded from the file system; an installed package is a folder of files
-    # (not a zip), so the traversable is a real path.
-    return os.fspath(root)
+    # (not a zip), so the traversable is a real path (a pathlib.Path).
+    return os.fspath(cast("os.PathLike[str]", root))
 
 
-def default_model():
+def default_model() -> str:
     """The model the commands use without ``--model``: ``$TFMLREG_MODEL`` if set, else the
     shipped ``demo``."""
     return os.environ.get(MODEL_VARIABLE) or shipped(DEFAULT)
