@@ -12,7 +12,8 @@ type checkers (``mypy tfmlreg`` runs in CI); nothing checks them at run time.
 - :data:`PathLike`: a file or folder, ``str`` or :class:`os.PathLike`.
 - :data:`Spacing`: a voxel size in mm per array axis: a scalar, ``(3,)`` or per sample
   ``(B, 3)``, as NumPy or a tensor.
-- :data:`Shape`: a spatial shape, a sequence of three ints ``(D, H, W)``.
+- :data:`Shape`: a spatial shape ``(D, H, W)`` (or a voxel index): a sequence of ints or an
+  integer array.
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ Tensor: TypeAlias = Any
 Array: TypeAlias = NDArray[Any]
 PathLike: TypeAlias = Union[str, os.PathLike[str]]
 Spacing: TypeAlias = Union[float, ArrayLike, Tensor]
-Shape: TypeAlias = Sequence[int]
+Shape: TypeAlias = Union[Sequence[int], NDArray[Any]]
