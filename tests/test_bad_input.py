@@ -463,7 +463,7 @@ def test_one_spacing_rule_numpy_and_keras_ops(spacing):
     lambda s: metrics.jacobian_determinant(np.zeros((4, 4, 4, 3)), s),
     lambda s: geometry.warp(np.zeros((1, 4, 4, 4, 1)), np.zeros((1, 4, 4, 4, 3)), s),
     lambda s: losses.Curvature(spacing=s),
-    lambda s: serving.spacing_batch(s, 1),
+    lambda s: serving.RegistrationClient("127.0.0.1:1").register(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), s),
     lambda s: phantom.make_pair((16, 16, 16), s),
 ])
 def test_every_spacing_argument_follows_the_rule(call):
@@ -495,6 +495,27 @@ def test_check_spacing_refuses_implausible_voxel_sizes(spacing):
 @pytest.mark.parametrize("spacing", [(0.05, 1, 1), (0.5, 0.7, 2.5), (20.0, 20.0, 20.0)])
 def test_check_spacing_accepts_medical_voxel_sizes(spacing):
     np.testing.assert_allclose(io.check_spacing(spacing, "x"), spacing)
+
+
+def test_commands_name_arguments_and_the_command_line_shows_flags(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    with pytest.raises(io.DataError, match=r"^cases: expected at least 1, got 0$"):
+        commands.phantom(out, cases=0)
+    assert main(["phantom", "--out", out, "--cases", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "tfmlreg: error: --cases: expected at least 1, got 0"
+    with pytest.raises(io.DataError, match=r"^min_amplitude_mm/amplitude_mm: expected 0 <= 40 <= 30"):
+        commands.synth(["scan.nii.gz"], out, amplitude_mm=30.0, min_amplitude_mm=40.0)
+    assert main(["synth", "--ct", "scan.nii.gz", "--out", out, "--amplitude", "30",
+                 "--min-amplitude", "40"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tfmlreg: error: --min-amplitude/--amplitude: expected 0 <= 40 <= 30 mm")
+    os.makedirs(os.path.join(out, "x"))
+    with pytest.raises(output.OutputError, match=f"^out: {re.escape(out)} exists and is not empty; "
+                                                 "use overwrite=True to replace it"):
+        commands.phantom(out)
+    with pytest.raises(io.DataError, match="^version: expected a positive integer, got 0"):
+        commands.export("model.keras", out, version=0)
+    assert not os.listdir(tmp_path / "out" / "x")  # nothing written
 
 
 def test_check_pair_accepts_landmarks_on_the_domain_boundary():

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tfmlreg import commands, geometry
+from tfmlreg import commands
+from tfmlreg.geometry import grid_points_numpy
 from tfmlreg.data import io
 from tfmlreg.data.io import DataError
 from tfmlreg.inference import warp_moving
@@ -208,7 +209,7 @@ def test_register_and_write_puts_every_output_on_the_fixed_affine(tmp_path, crop
 
 def smooth_field(shape, spacing):
     """A smooth, non-trivial displacement (mm along the array axes), up to 5 mm per component."""
-    x, y, z = np.moveaxis(geometry.grid_points_numpy(shape, spacing), -1, 0)
+    x, y, z = np.moveaxis(grid_points_numpy(shape, spacing), -1, 0)
     extent = np.array(shape) * spacing
     return np.stack([4.0 * np.sin(2 * np.pi * y / extent[1]),
                      -3.0 * np.cos(2 * np.pi * z / extent[2]),

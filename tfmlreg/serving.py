@@ -76,7 +76,8 @@ class RegistrationClient:
         inputs = {
             "fixed": fixed_batch,
             "moving": moving_batch,
-            "spacing": spacing_batch(spacing, fixed_batch.shape[0]),
+            "spacing": geometry.check_spacing(spacing, "spacing",
+                                              batch_size=fixed_batch.shape[0]).astype(np.float32),
         }
         outputs = self.predict(inputs)
         if layout == "batch":
@@ -169,8 +170,3 @@ def as_batch(image, name):
         f"{name}: expected (D, H, W), (D, H, W, 1) or (B, D, H, W, 1), got {image.shape}"
     )
 
-
-def spacing_batch(spacing, batch):
-    """Spacing as ``(B, 3)`` float32 mm from a scalar, ``(3,)`` or ``(B, 3)``
-    (:func:`tfmlreg.geometry.check_spacing`)."""
-    return geometry.check_spacing(spacing, "spacing", batch_size=batch).astype(np.float32)
