@@ -1,4 +1,8 @@
-"""The ``tfmlreg`` command: demo, register, train, evaluate, phantom, export.
+"""The ``tfmlreg`` command: demo, register, train, evaluate, phantom, synth, export.
+
+Each command is a function of :mod:`tfmlreg.commands` taking plain arguments; this module only
+parses the command line, calls it and reports, showing the library's argument names in its
+messages as this command's flags (``out`` as ``--out``, ``overwrite=True`` as ``--overwrite``).
 
 Outputs. ``--out`` must not exist or be an empty folder, unless ``--overwrite`` (which replaces
 it). Every command writes into a hidden staging folder beside ``--out`` and moves it into place
