@@ -1,6 +1,7 @@
 """tfmlreg: multilevel deep-learning 3D image registration (mlVIRNET) in Keras 3 / TensorFlow."""
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,16 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
+if TYPE_CHECKING:  # what type checkers see: the same names (``x as x``: re-exported)
+    from tfmlreg import losses as losses, metrics as metrics
+    from tfmlreg.geometry import (compose as compose, resample as resample,
+                                  resample_displacement as resample_displacement, warp as warp)
+    from tfmlreg.model import MultilevelRegistration as MultilevelRegistration
+    from tfmlreg.refinement import RefineConfig as RefineConfig, refine as refine
+    from tfmlreg.training import fit_progressive as fit_progressive
 
-def __getattr__(name):
+
+def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'tfmlreg' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]
@@ -32,5 +41,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))

@@ -33,6 +33,8 @@ TensorFlow's own log lines, which are otherwise silenced. ``tfmlreg --help`` and
 COMMAND --help`` answer without importing TensorFlow.
 """
 
+from __future__ import annotations
+
 import os
 
 # TensorFlow reads these when it is imported, which happens only after the arguments are parsed.
@@ -47,6 +49,9 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from types import FrameType, ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
 
 from tfmlreg import models  # noqa: E402  (no TensorFlow)
 from tfmlreg.output import OutputError  # noqa: E402
@@ -75,14 +80,14 @@ class Terminated(BaseException):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that staged outputs are cleaned up."""
 
 
-def _load(module_name):
+def _load(module_name: str) -> ModuleType:
     """Import a module that imports TensorFlow, TensorFlow first and quietly."""
     if not _show_tensorflow_logs:
         _import_tensorflow_quietly()
     return importlib.import_module(module_name)
 
 
-def _import_tensorflow_quietly():
+def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with the stderr file descriptor pointed at a scratch file.
 
     TensorFlow 2.21 writes a few C++ log lines while its libraries load, before it applies
@@ -110,14 +115,14 @@ def _import_tensorflow_quietly():
 # --- subcommands ------------------------------------------------------------------------------
 
 
-def cmd_demo(args):
+def cmd_demo(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     report = commands.demo(args.out, args.model, shape=tuple(args.shape), seed=args.seed,
                            refine=_refine_config(args), overwrite=args.overwrite)
     print(commands.format_demo_report(report, args.out))
 
 
-def cmd_register(args):
+def cmd_register(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     summary = commands.register(
         args.fixed, args.moving, args.out, args.model, server=args.server,
@@ -132,7 +137,7 @@ def cmd_register(args):
           f"{times['seconds_refinement']:.2f} s", file=sys.stderr)
 
 
-def _refine_config(args):
+def _refine_config(args: argparse.Namespace) -> Any:
     """The refinement settings of the command's options; None with ``--no-refine``."""
     if args.no_refine:
         if str(args.model).lower() == "none":
@@ -150,7 +155,7 @@ def _refine_config(args):
         raise UsageError(f"--refine options: {error}") from None
 
 
-def add_precision_option(parser):
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
         help="the network's precision (default auto: bfloat16 on CPUs with native bfloat16, "
@@ -158,7 +163,7 @@ def add_precision_option(parser):
              "model.keras for a reduced precision)")
 
 
-def add_refine_options(parser):
+def add_refine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("refinement (per-pair optimisation of NGF + alpha*curvature)")
     group.add_argument("--no-refine", action="store_true",
                        help="the network alone, no refinement")
@@ -174,7 +179,7 @@ def add_refine_options(parser):
     group.add_argument("--epsilon", type=float, help="NGF edge noise level (default 0.01)")
 
 
-def cmd_train(args):
+def cmd_train(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     # progress bars on a terminal, one line per epoch in a log file
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
@@ -182,7 +187,7 @@ def cmd_train(args):
     print(f"trained model: {where['model']}; SavedModel: {where['saved_model']}/1")
 
 
-def cmd_evaluate(args):
+def cmd_evaluate(args: argparse.Namespace) -> int:
     commands = _load("tfmlreg.commands")
     report, failures = commands.evaluate(args.data, args.out, args.model, args.precision,
                                          figures=not args.no_figures, refine=_refine_config(args),
@@ -198,14 +203,14 @@ def cmd_evaluate(args):
     return 0
 
 
-def cmd_phantom(args):
+def cmd_phantom(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     commands.phantom(args.out, args.cases, shape=args.shape, spacing=args.spacing, seed=args.seed,
                      amplitude_mm=args.amplitude, overwrite=args.overwrite)
     print(f"wrote {args.cases} phantom pair(s) to {args.out}")
 
 
-def cmd_synth(args):
+def cmd_synth(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     written = commands.synth(args.ct, args.out, args.pairs_per_scan, spacing_mm=args.spacing,
                              amplitude_mm=args.amplitude, min_amplitude_mm=args.min_amplitude,
@@ -213,7 +218,7 @@ def cmd_synth(args):
     print(f"wrote {len(written)} synthetic breathing pair(s) to {args.out}")
 
 
-def cmd_export(args):
+def cmd_export(args: argparse.Namespace) -> None:
     commands, export = _load("tfmlreg.commands"), _load("tfmlreg.export")
     if args.format == "tf-trt":
         try:
@@ -230,7 +235,7 @@ def cmd_export(args):
 # --- parser -----------------------------------------------------------------------------------
 
 
-def _examples(text):
+def _examples(text: str) -> str:
     """An epilog of example lines; a line starting with ``--`` continues the one before it."""
     lines = [line.strip() for line in text.strip().splitlines()]
     return "examples:\n" + "\n".join(("      " if line.startswith("--") else "  ") + line
@@ -240,7 +245,7 @@ def _examples(text):
 OVERWRITE_HELP = "replace --out if it exists and is not empty (only once the command has succeeded)"
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfmlreg", description="Multilevel deep-learning 3D image registration (mlVIRNET).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -255,7 +260,8 @@ def build_parser():
                         help=f"print tracebacks and TensorFlow's log lines (or set {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, function, help_text, examples):
+    def command(name: str, function: Callable[[argparse.Namespace], int | None], help_text: str,
+                examples: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   epilog=_examples(examples),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,7 +380,7 @@ def build_parser():
 # --- running a command: exit codes and one-line messages --------------------------------------
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     global _show_tensorflow_logs
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
@@ -399,11 +405,11 @@ def main(argv=None):
         _on_sigterm(previous)
 
 
-def _raise_terminated(signum, frame):
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def _on_sigterm(handler):
+def _on_sigterm(handler: Any) -> Any:
     """Install ``handler`` for SIGTERM (main thread only); returns the one it replaced."""
     try:
         return signal.signal(signal.SIGTERM, handler)
@@ -411,7 +417,7 @@ def _on_sigterm(handler):
         return None
 
 
-def _input_errors():
+def _input_errors() -> tuple[type[Exception], ...]:
     """The project's own input errors (DataError only exists once its module is imported)."""
     kinds = [UsageError, OutputError]
     io = sys.modules.get("tfmlreg.data.io")
@@ -420,7 +426,7 @@ def _input_errors():
     return tuple(kinds)
 
 
-def _environment_errors():
+def _environment_errors() -> tuple[type[Exception], ...]:
     kinds = [EnvironmentProblem, OSError]  # OSError includes ConnectionError (the server)
     for module, name in (("tfmlreg.serving", "ServingError"), ("tfmlreg.commands", "RegistrationFailed")):
         if module in sys.modules:
@@ -447,13 +453,13 @@ PHRASES = {"use overwrite=True": ("overwrite", "use --overwrite"),
            "use format='onnx' (export_onnx)": ("format", "use --format onnx")}
 
 
-def _flag(name):
+def _flag(name: str) -> str:
     return ARGUMENT_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _as_flags(message, args):
+def _as_flags(message: str, args: argparse.Namespace) -> str:
     """``message`` with the library's argument names replaced by this command's flags."""
-    def has(name):
+    def has(name: str) -> bool:
         return hasattr(args, _flag(name)[2:].replace("-", "_"))
 
     head, colon, rest = message.partition(": ")
@@ -473,19 +479,19 @@ def _as_flags(message, args):
     return message
 
 
-def _first_line(error):
+def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _describe(error):
+def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and not isinstance(error, ConnectionError) and error.strerror:
         where = error.filename if error.filename is not None else type(error).__name__
         return f"{where}: {error.strerror}"
     return _first_line(error)
 
 
-def _report(message, error, debug, code):
+def _report(message: str, error: BaseException | None, debug: bool, code: int) -> int:
     if debug and error is not None:
         traceback.print_exception(error)
     print(f"tfmlreg: {message}", file=sys.stderr)

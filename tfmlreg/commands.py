@@ -12,13 +12,18 @@ empty folder unless ``overwrite``; a run holds a lock on it; a failed or interru
 nothing. ``train`` writes into its config's output folder as it goes (it resumes from there).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from tqdm import tqdm
 
 from tfmlreg import evaluation, experiment, export as exporting, metrics, output
@@ -27,7 +32,12 @@ from tfmlreg.data import io, phantom as phantoms, synthetic
 from tfmlreg.data.checks import check_pair
 from tfmlreg.data.io import DataError
 from tfmlreg.figures import save_overlays
-from tfmlreg.inference import NO_MODEL, load_model, load_predictor, register_pair, warp_moving
+from tfmlreg.inference import (NO_MODEL, Predictor, load_model, load_predictor, register_pair,
+                               warp_moving)
+from tfmlreg.types import PathLike, Shape, Spacing
+
+if TYPE_CHECKING:
+    from tfmlreg.refinement import RefineConfig
 
 OUT = "out"  # the output argument, as messages name it
 EXPORT_FORMATS = ("savedmodel", "onnx", "tf-trt")
@@ -41,7 +51,9 @@ class RegistrationFailed(RuntimeError):
 # --- the commands -----------------------------------------------------------------------------
 
 
-def demo(out, model=None, shape=(96, 96, 96), seed=1000, refine=None, overwrite=False):
+def demo(out: PathLike, model: PathLike | None = None, shape: Shape = (96, 96, 96),
+         seed: int = 1000, refine: RefineConfig | None = None,
+         overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Generate a phantom pair, register it with ``model`` (None: the default model, see
     :mod:`tfmlreg.models`), then ``refine`` (a RefineConfig, or None for the network alone);
     write the pair, the outputs and metrics into ``out``. Returns the metrics summary."""
@@ -55,10 +67,13 @@ def demo(out, model=None, shape=(96, 96, 96), seed=1000, refine=None, overwrite=
         return register_and_write(predictor, case, staging, refine)
 
 
-def register(fixed, moving, out, model=None, *, server=None, model_name=None, shape=None,
-             precision="auto", refine=None, fixed_labels=None, moving_labels=None,
-             fixed_landmarks=None, moving_landmarks=None, dirlab_case=None, overwrite=False,
-             progress=False):
+def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike | None = None, *,
+             server: str | None = None, model_name: str | None = None,
+             shape: Shape | None = None, precision: str = "auto",
+             refine: RefineConfig | None = None, fixed_labels: PathLike | None = None,
+             moving_labels: PathLike | None = None, fixed_landmarks: PathLike | None = None,
+             moving_landmarks: PathLike | None = None, dirlab_case: int | None = None,
+             overwrite: bool = False, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Register the image file ``moving`` to ``fixed`` with ``model`` (see
     :func:`tfmlreg.inference.load_predictor`; or, with ``server``, the model ``model_name``
     served there on grid ``shape``, and ``model`` is not used), then ``refine``; write the
@@ -80,7 +95,9 @@ def register(fixed, moving, out, model=None, *, server=None, model_name=None, sh
         return register_and_write(predictor, pair, staging, refine, progress=progress)
 
 
-def evaluate(data, out, model=None, precision="auto", figures=True, refine=None, overwrite=False):
+def evaluate(data: PathLike, out: PathLike, model: PathLike | None = None,
+             precision: str = "auto", figures: bool = True, refine: RefineConfig | None = None,
+             overwrite: bool = False) -> tuple[str, dict[str, str]]:
     """Evaluate ``model`` (then ``refine``) on every pair of the folder ``data``; write
     metrics.csv, results.md and figures into ``out`` (see :func:`evaluate_folder`). Returns
     ``(the report's path in out, {case: reason} of the cases that could not be evaluated)``."""
@@ -92,7 +109,7 @@ def evaluate(data, out, model=None, precision="auto", figures=True, refine=None,
     return os.path.join(out, os.path.basename(report)), failures
 
 
-def train(config, verbose="auto", restart=False):
+def train(config: PathLike, verbose: int | str = "auto", restart: bool = False) -> Any:
     """Train as the experiment config file ``config`` says (:mod:`tfmlreg.experiment`):
     resumes an interrupted run of the same config, ``restart`` discards it. Returns where the
     run's files are (:func:`tfmlreg.experiment.paths`)."""
@@ -101,8 +118,9 @@ def train(config, verbose="auto", restart=False):
     return experiment.paths(settings)
 
 
-def phantom(out, cases=1, shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm=25.0,
-            overwrite=False):
+def phantom(out: PathLike, cases: int = 1, shape: Shape = (96, 96, 96),
+            spacing: Spacing | None = None, seed: int = 0, amplitude_mm: float = 25.0,
+            overwrite: bool = False) -> list[str]:
     """Write ``cases`` phantom pairs (:mod:`tfmlreg.data.phantom`) as pair folders into ``out``;
     returns their names."""
     if cases < 1:
@@ -117,8 +135,9 @@ def phantom(out, cases=1, shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm
             raise DataError(f"shape/spacing/amplitude_mm: {_first_line(error)}") from None
 
 
-def synth(ct, out, pairs_per_scan=1, spacing_mm=2.0, amplitude_mm=30.0, min_amplitude_mm=None,
-          direction="random", seed=0, overwrite=False):
+def synth(ct: Sequence[PathLike], out: PathLike, pairs_per_scan: int = 1, spacing_mm: float = 2.0,
+          amplitude_mm: float = 30.0, min_amplitude_mm: float | None = None,
+          direction: str = "random", seed: int = 0, overwrite: bool = False) -> list[str]:
     """Write synthetic breathing pairs made from the CT files ``ct`` into ``out``
     (:func:`tfmlreg.data.synthetic.write_pairs`; ``min_amplitude_mm`` defaults to half of
     ``amplitude_mm``); returns the pair folders written."""
@@ -139,8 +158,8 @@ def synth(ct, out, pairs_per_scan=1, spacing_mm=2.0, amplitude_mm=30.0, min_ampl
                                      direction=direction, seed=seed)
 
 
-def export(model, out, format="savedmodel", version=1, opset=17, plain_geometry=False,
-           overwrite=False):
+def export(model: PathLike, out: PathLike, format: str = "savedmodel", version: int = 1,
+           opset: int = 17, plain_geometry: bool = False, overwrite: bool = False) -> PathLike:
     """Export the trained ``.keras`` ``model``; returns what was written.
 
     ``format="savedmodel"``: a new version folder ``out/<version>/`` in the model root ``out``
@@ -173,7 +192,8 @@ def export(model, out, format="savedmodel", version=1, opset=17, plain_geometry=
     return out
 
 
-def _export_saved_model(model, root, version, plain_geometry):
+def _export_saved_model(model: PathLike, root: PathLike, version: int,
+                        plain_geometry: bool) -> str:
     target = os.path.join(root, str(version))
     with output.locked(root, OUT):
         if os.path.lexists(root) and not os.path.isdir(root):
@@ -194,13 +214,13 @@ def _export_saved_model(model, root, version, plain_geometry):
             raise
 
 
-def _check_refinement(model, refine):
+def _check_refinement(model: PathLike | None, refine: RefineConfig | None) -> None:
     if refine is None and str(model).lower() == NO_MODEL:
         raise DataError("refine: with model none (no network) the refinement is all there is "
                         "to run")
 
 
-def _first_line(error):
+def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -208,8 +228,10 @@ def _first_line(error):
 # --- the steps --------------------------------------------------------------------------------
 
 
-def load_files(fixed, moving, fixed_labels=None, moving_labels=None, fixed_landmarks=None,
-               moving_landmarks=None, dirlab_case=None):
+def load_files(fixed: PathLike, moving: PathLike, fixed_labels: PathLike | None = None,
+               moving_labels: PathLike | None = None, fixed_landmarks: PathLike | None = None,
+               moving_landmarks: PathLike | None = None,
+               dirlab_case: int | None = None) -> dict[str, Any]:
     """A pair dict (as :func:`tfmlreg.data.io.load_pair` returns) from image, label and landmark
     files: any supported format, canonical orientation, the moving image in the fixed image's
     frame; every input checked (:func:`tfmlreg.data.checks.check_pair`)."""
@@ -220,7 +242,9 @@ def load_files(fixed, moving, fixed_labels=None, moving_labels=None, fixed_landm
     return pair
 
 
-def register_and_write(predictor, pair, out_dir, refine=None, progress=False):
+def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out_dir: PathLike,
+                       refine: RefineConfig | None = None,
+                       progress: bool = False) -> dict[str, dict[str, Any]]:
     """Register (the network, then the refinement ``refine``, a RefineConfig or None), then write
     the warped image, the displacement (mm), the Jacobian determinant, metrics.json and an overlay
     figure into the folder ``out_dir``; returns the metrics summary (with the time of each part).
@@ -245,7 +269,8 @@ def register_and_write(predictor, pair, out_dir, refine=None, progress=False):
 PART_TIMES = ("seconds_network", "seconds_refinement")
 
 
-def _register(predictor, pair, refine=None, progress=False):
+def _register(predictor: Predictor | None, pair: Mapping[str, Any],
+              refine: RefineConfig | None = None, progress: bool = False) -> dict[str, Any]:
     """:func:`register_pair`, its result checked: a non-finite field is an error, not a result."""
     try:
         result = register_pair(predictor, pair, refine, progress)
@@ -254,7 +279,7 @@ def _register(predictor, pair, refine=None, progress=False):
     return checked_result(result, pair["name"])
 
 
-def checked_result(result, name):
+def checked_result(result: dict[str, Any], name: str) -> dict[str, Any]:
     """``result`` of :func:`register_pair` if finite; else :class:`RegistrationFailed`."""
     for key in ("displacement", "warped", "network_displacement"):
         if key in result and not np.all(np.isfinite(result[key])):
@@ -263,7 +288,8 @@ def checked_result(result, name):
     return result
 
 
-def save_overlay(path, pair, warped, displacement=None):
+def save_overlay(path: PathLike, pair: Mapping[str, Any], warped: ArrayLike,
+                 displacement: ArrayLike | None = None) -> None:
     """Overlays before and after: the moving image resampled onto the fixed grid (the identity
     map: the pair may have different shapes and spacings) and the warped image, on the fixed;
     with ``displacement`` also its Jacobian and what it takes from outside the moving scan."""
@@ -273,7 +299,7 @@ def save_overlay(path, pair, warped, displacement=None):
                   moving_extent_mm=np.shape(pair["moving"]) * np.asarray(pair["spacing_moving"]))
 
 
-def _summary(results):
+def _summary(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """JSON-ready metrics: per-landmark errors dropped, labels as strings."""
     out = {}
     for method, values in results.items():
@@ -284,7 +310,7 @@ def _summary(results):
     return out
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     return float(value)
@@ -293,7 +319,9 @@ def _plain(value):
 NETWORK, REFINED, REFINED_ALONE = "network", "network + refinement", "refinement"
 
 
-def evaluate_folder(predictor, data_dir, out_dir, figures=True, refine=None):
+def evaluate_folder(predictor: Predictor | None, data_dir: PathLike, out_dir: PathLike,
+                    figures: bool = True,
+                    refine: RefineConfig | None = None) -> tuple[str, dict[str, str]]:
     """Evaluate every pair of ``data_dir``; writes metrics.csv, results.md, the Dice box plot and
     (with ``figures``) one overlay per case into the folder ``out_dir``. Methods side by side:
     the network alone and, with ``refine`` (a RefineConfig), the network + refinement (or the
@@ -325,7 +353,8 @@ def evaluate_folder(predictor, data_dir, out_dir, figures=True, refine=None):
     return report, failures
 
 
-def _evaluate_case(predictor, case_dir, out_dir, figures, refine):
+def _evaluate_case(predictor: Predictor | None, case_dir: str, out_dir: PathLike, figures: bool,
+                   refine: RefineConfig | None) -> dict[str, dict[str, Any]]:
     """Metrics ``{initial, method...}`` of one pair folder; its overlay with ``figures``."""
     pair = io.load_pair(case_dir)
     check_pair(pair, {key: os.path.join(case_dir, io.PAIR_FILES[key])
@@ -344,14 +373,14 @@ def _evaluate_case(predictor, case_dir, out_dir, figures, refine):
     return methods
 
 
-def _append_failures(report, failures):
+def _append_failures(report: str, failures: Mapping[str, str]) -> None:
     with open(report, "a") as handle:
         handle.write("\n## Cases not evaluated\n\n| Case | Reason |\n|---|---|\n")
         for name, reason in failures.items():
             handle.write(f"| {name} | {reason.replace('|', '/')} |\n")
 
 
-def format_demo_report(summary, out_dir):
+def format_demo_report(summary: Mapping[str, Mapping[str, Any]], out_dir: PathLike) -> str:
     """The demo's metrics as a small table, and where its outputs are."""
     before, after = summary[evaluation.INITIAL], summary["registered"]
     lines = [

@@ -9,25 +9,33 @@ overall row over all landmarks), a Dice box plot like Fig. 1 and overlays like F
 Label maps of both phases are assumed to share the fixed grid (as in DIR-LAB and the phantoms).
 """
 
+from __future__ import annotations
+
 import csv
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from tfmlreg import metrics
 from tfmlreg.ct import LOBE_NAMES
+from tfmlreg.types import PathLike
+
+T = TypeVar("T")
 
 INITIAL = "initial"
 
 
-def evaluate_displacement(pair, displacement):
+def evaluate_displacement(pair: Mapping[str, Any], displacement: ArrayLike) -> dict[str, Any]:
     """Metrics of one displacement (mm, fixed grid) on one pair; missing data gives no entry.
 
     Keys: ``dice`` ``{label: dice}``, ``dice_mean``, ``folding`` (fraction), ``tre`` (per
     landmark, mm), ``tre_mean/std/max``, ``tre_snapped_mean``.
     """
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
-    result = {"folding": metrics.folding_fraction(displacement, spacing)}
+    result: dict[str, Any] = {"folding": metrics.folding_fraction(displacement, spacing)}
     if pair.get("fixed_labels") is not None and pair.get("moving_labels") is not None:
         warped_labels = metrics.warp_labels(pair["moving_labels"], displacement, spacing)
         labels = sorted(int(v) for v in np.unique(pair["fixed_labels"]) if v != 0)
@@ -42,7 +50,8 @@ def evaluate_displacement(pair, displacement):
     return result
 
 
-def evaluate_pair(pair, registered):
+def evaluate_pair(pair: Mapping[str, Any],
+                  registered: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"initial": metrics, "registered": metrics + seconds}`` for a registered pair."""
     identity = np.zeros(np.shape(pair["fixed"]) + (3,), np.float32)
     after = evaluate_displacement(pair, registered["displacement"])
@@ -54,7 +63,7 @@ CSV_FIELDS = ("case", "method", "dice_mean", "folding", "tre_mean", "tre_std", "
               "tre_snapped_mean", "seconds")
 
 
-def rows(case, results):
+def rows(case: str, results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Flat CSV rows of one case: one per method, plus one Dice column per label."""
     out = []
     for method, values in results.items():
@@ -65,7 +74,7 @@ def rows(case, results):
     return out
 
 
-def write_csv(path, all_rows):
+def write_csv(path: PathLike, all_rows: Sequence[Mapping[str, Any]]) -> None:
     fields = list(CSV_FIELDS) + sorted({k for row in all_rows for k in row} - set(CSV_FIELDS))
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -73,12 +82,12 @@ def write_csv(path, all_rows):
         writer.writerows(all_rows)
 
 
-def _mean_std(values):
+def _mean_std(values: ArrayLike) -> str:
     values = np.asarray(values, float)
     return f"{np.mean(values):.2f} ({np.std(values):.2f})" if values.size else "–"
 
 
-def tre_table(tre_by_method):
+def tre_table(tre_by_method: Mapping[str, Mapping[str, ArrayLike]]) -> str:
     """Markdown table like the paper's Table 1: per case mean (std) of TRE in mm, then "Total"
     over all landmarks. ``tre_by_method``: ``{method: {case: per-landmark errors}}``."""
     methods = list(tre_by_method)
@@ -92,22 +101,22 @@ def tre_table(tre_by_method):
     return "\n".join(lines)
 
 
-def _values(cases, key):
+def _values(cases: Iterable[Mapping[str, Any]], key: str) -> list[Any]:
     return [case[key] for case in cases if key in case]
 
 
-def _mean_or_dash(values, fmt="{:.2f}"):
+def _mean_or_dash(values: Sequence[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(np.mean(values)) if values else "–"
 
 
-def timed_cases(cases):
+def timed_cases(cases: Sequence[T]) -> Sequence[T]:
     """The cases whose ``seconds`` count for the runtime: all but the first when there are more
     (the first call of a model or a refinement level traces and compiles it: warm-up, not
     registration). One case is all there is."""
     return cases[1:] if len(cases) > 1 else cases
 
 
-def summary_table(results_by_method):
+def summary_table(results_by_method: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """Markdown table of the means over cases: Dice, folding (%), TRE, runtime (the warm-up
     case excluded, :func:`timed_cases`).
 
@@ -127,7 +136,8 @@ def summary_table(results_by_method):
     return "\n".join(lines)
 
 
-def write_report(out_dir, results_by_case):
+def write_report(out_dir: PathLike,
+                 results_by_case: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """CSV, Markdown tables and the Dice box plot for ``{case: {method: metrics}}``."""
     from tfmlreg.figures import save_dice_boxplot
 

@@ -18,18 +18,29 @@ writes plain ops instead); the ONNX export inlines it as plain ops, because tf2o
 convert XLA-compiled functions.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import tensorflow as tf
+from numpy.typing import ArrayLike
 
 from tfmlreg import geometry
 from tfmlreg.ct import AIR_HU, PARENCHYMA_HU, SOFT_TISSUE_HU
 from tfmlreg.interface import INPUTS, OUTPUTS, REFINED_SIGNATURE, SIGNATURE, SIGNATURES
 from tfmlreg.layers import plain_geometry
+from tfmlreg.types import Array, PathLike, Shape, Spacing, Tensor
+
+if TYPE_CHECKING:  # annotations only: importing keras or the refinement here is not needed
+    import keras
+
+    from tfmlreg.refinement import RefineConfig
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SAMPLE_SPACING_MM = (1.5, 1.5, 1.5)  # a CT-like voxel size for the synthetic sample pair
@@ -44,7 +55,7 @@ TF_TRT_MISSING = (
 # --- the serving interface --------------------------------------------------------------------
 
 
-def inference_form(model):
+def inference_form(model: keras.Model) -> keras.Model:
     """``model`` with batch normalisation folded, in float32, when it can make one
     (:meth:`~tfmlreg.model.MultilevelRegistration.for_inference`); otherwise ``model`` itself."""
     if getattr(model, "batchnorm", False) and hasattr(model, "for_inference"):
@@ -52,19 +63,19 @@ def inference_form(model):
     return model
 
 
-def model_grid(model, shape=None):
+def model_grid(model: keras.Model, shape: Shape | None = None) -> tuple[int, ...]:
     """The model's input grid ``(D, H, W)``: ``shape`` if given, else ``model.shape``."""
-    shape = shape if shape is not None else getattr(model, "shape", None)
+    given: Any = shape if shape is not None else getattr(model, "shape", None)
     try:
-        grid = tuple(int(n) for n in shape)
+        grid = tuple(int(n) for n in given)
     except TypeError:
         grid = ()
     if len(grid) != 3 or min(grid) <= 0:
-        raise ValueError(f"shape: expected the model grid (D, H, W), got {shape!r}")
+        raise ValueError(f"shape: expected the model grid (D, H, W), got {given!r}")
     return grid
 
 
-def input_signature(shape):
+def input_signature(shape: Shape) -> dict[str, tf.TensorSpec]:
     """Named ``tf.TensorSpec`` per input: what the exported signature accepts."""
     image = (None, *shape, 1)
     return {
@@ -74,7 +85,9 @@ def input_signature(shape):
     }
 
 
-def serving_fn(model, shape, check_inputs=True, refine=None):
+def serving_fn(model: keras.Model, shape: Shape, check_inputs: bool = True,
+               refine: RefineConfig | None = None,
+               ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     """``inputs dict -> {"displacement", "warped"}`` around ``model``, in inference mode.
 
     With ``check_inputs``, bad inputs fail up front with INVALID_ARGUMENT and a message naming
@@ -84,7 +97,7 @@ def serving_fn(model, shape, check_inputs=True, refine=None):
     displacement is an error, never a result.
     """
 
-    def serve(inputs):
+    def serve(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if check_inputs:
             inputs = _checked_inputs(inputs, shape)
         outputs = model(inputs, training=False)
@@ -97,7 +110,7 @@ def serving_fn(model, shape, check_inputs=True, refine=None):
     return serve
 
 
-def _checked_inputs(inputs, shape):
+def _checked_inputs(inputs: Mapping[str, Tensor], shape: Shape) -> dict[str, Tensor]:
     specs = input_signature(shape)
     with tf.control_dependencies([_shape_check(inputs[name], specs[name]) for name in INPUTS]):
         inputs = {name: tf.identity(inputs[name]) for name in INPUTS}
@@ -118,7 +131,8 @@ def _checked_inputs(inputs, shape):
         return {name: tf.identity(tensor) for name, tensor in inputs.items()}
 
 
-def _refined(inputs, outputs, config):
+def _refined(inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor],
+             config: RefineConfig) -> dict[str, Tensor]:
     """The network's field refined by ``config.iterations`` steps per level (in-graph), and the
     moving image warped by it (outside the domain: the window's low end, i.e. air)."""
     from tfmlreg import geometry, refinement
@@ -130,19 +144,20 @@ def _refined(inputs, outputs, config):
     return {"displacement": displacement, "warped": warped}
 
 
-def _finite_check(tensor, name, what="contains NaN or infinite values"):
+def _finite_check(tensor: Tensor, name: str,
+                  what: str = "contains NaN or infinite values") -> Tensor:
     return tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(tensor)), [f"{name}: {what}"],
                                name=f"check_{name}_finite")
 
 
-def _checked_outputs(outputs):
+def _checked_outputs(outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     check = _finite_check(outputs["displacement"], "displacement",
                           "the model produced NaN or infinite values")
     with tf.control_dependencies([check]):
         return {name: tf.identity(outputs[name]) for name in OUTPUTS}
 
 
-def _shape_check(tensor, spec):
+def _shape_check(tensor: Tensor, spec: tf.TensorSpec) -> Tensor:
     """Assert ``tensor`` has ``spec``'s shape (any batch); the message names input and shapes.
 
     (``tf.ensure_shape`` would also check, but its message names the graph's internal tensor,
@@ -165,8 +180,11 @@ def _shape_check(tensor, spec):
 # --- SavedModel for TF Serving ----------------------------------------------------------------
 
 
-def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None, refine="default",
-                       compiled_geometry=True):
+def export_saved_model(model: keras.Model, out_dir: PathLike, version: int = 1,
+                       warmup_requests: int | Sequence[Mapping[str, ArrayLike]] | None = 1,
+                       shape: Shape | None = None,
+                       refine: RefineConfig | Literal["default"] | None = "default",
+                       compiled_geometry: bool = True) -> str:
     """Write ``out_dir/<version>/`` (``saved_model.pb``, ``variables/``, ``assets.extra/``).
 
     Signatures: ``serving_default`` (the network alone) and, unless ``refine`` is None,
@@ -205,7 +223,7 @@ def export_saved_model(model, out_dir, version=1, warmup_requests=1, shape=None,
     return target
 
 
-def _version_dir(out_dir, version):
+def _version_dir(out_dir: PathLike, version: int) -> str:
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
         raise ValueError(f"version: expected a positive integer, got {version!r}")
     target = os.path.join(os.fspath(out_dir), str(int(version)))
@@ -214,11 +232,11 @@ def _version_dir(out_dir, version):
     return target
 
 
-def _version_exists(target):
+def _version_exists(target: str) -> FileExistsError:
     return FileExistsError(f"{target}: version already exists; export another version")
 
 
-def _refine_config(refine):
+def _refine_config(refine: RefineConfig | Literal["default"] | None) -> RefineConfig | None:
     if isinstance(refine, str) and refine == "default":
         from tfmlreg.refinement import RefineConfig
 
@@ -226,7 +244,8 @@ def _refine_config(refine):
     return refine
 
 
-def _write_archive(model, grid, path, refine=None):
+def _write_archive(model: keras.Model, grid: Shape, path: str,
+                   refine: RefineConfig | None = None) -> None:
     import keras
 
     archive = keras.export.ExportArchive()
@@ -240,7 +259,8 @@ def _write_archive(model, grid, path, refine=None):
     archive.write_out(path, verbose=False)
 
 
-def _warmup_inputs(warmup_requests, grid):
+def _warmup_inputs(warmup_requests: int | Sequence[Mapping[str, ArrayLike]] | None,
+                   grid: Shape) -> list[dict[str, Array]]:
     """Warm-up input dicts, checked before anything is written."""
     if not warmup_requests:
         return []
@@ -252,17 +272,18 @@ def _warmup_inputs(warmup_requests, grid):
             raise ValueError(
                 f"warmup_requests[{index}]: expected keys {list(INPUTS)}, got {sorted(request)}"
             )
-        request = {name: np.asarray(request[name], np.float32) for name in INPUTS}
-        if request["fixed"].shape[1:] != (*grid, 1):
+        checked = {name: np.asarray(request[name], np.float32) for name in INPUTS}
+        if checked["fixed"].shape[1:] != (*grid, 1):
             raise ValueError(
                 f"warmup_requests[{index}]: expected fixed of shape (B, {grid[0]}, {grid[1]}, "
-                f"{grid[2]}, 1), got {request['fixed'].shape}"
+                f"{grid[2]}, 1), got {checked['fixed'].shape}"
             )
-        requests.append(request)
+        requests.append(checked)
     return requests
 
 
-def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
+def synthetic_pair(shape: Shape, spacing: Spacing = SAMPLE_SPACING_MM,
+                   seed: int = 0) -> dict[str, Array]:
     """A CT-like pair in HU, batch 1: ``{"fixed", "moving": (1, D, H, W, 1), "spacing": (1, 3)}``.
 
     A soft-tissue body (40 HU) in air (-1000 HU) with two lungs (-850 HU) that sit 3 voxels lower
@@ -276,10 +297,10 @@ def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
     points = geometry.grid_points_numpy(shape, spacing)
     rng = np.random.default_rng(seed)
 
-    def ellipsoid(centre, radii):
+    def ellipsoid(centre: Array, radii: Array) -> Array:
         return np.sum(((points - centre) / radii) ** 2, axis=-1) <= 1.0
 
-    def scan(lung_shift_mm):
+    def scan(lung_shift_mm: float) -> Array:
         body = ellipsoid(extent * 0.5, extent * [0.45, 0.4, 0.45])
         image = np.where(body, SOFT_TISSUE_HU, AIR_HU)
         for side in (0.3, 0.7):
@@ -291,7 +312,9 @@ def synthetic_pair(shape, spacing=SAMPLE_SPACING_MM, seed=0):
     return {"fixed": scan(0.0), "moving": scan(3 * spacing[0]), "spacing": spacing[None].copy()}
 
 
-def write_warmup_requests(path, requests, model_name="", signatures=(SIGNATURE,)):
+def write_warmup_requests(path: str, requests: Sequence[Mapping[str, ArrayLike]],
+                          model_name: str = "",
+                          signatures: Sequence[str] = (SIGNATURE,)) -> str:
     """Write TF Serving warm-up records: a TFRecord of ``PredictionLog`` s, one per input dict
     and signature.
 
@@ -323,7 +346,8 @@ def write_warmup_requests(path, requests, model_name="", signatures=(SIGNATURE,)
 # --- ONNX / TensorRT --------------------------------------------------------------------------
 
 
-def export_onnx(model, out_path, opset=17, shape=None):
+def export_onnx(model: keras.Model | PathLike, out_path: PathLike, opset: int = 17,
+                shape: Shape | None = None) -> str:
     """Convert to ONNX with tf2onnx: ``model`` is a Keras model or a SavedModel directory.
 
     Inputs and outputs keep their names (``fixed``, ``moving``, ``spacing`` -> ``displacement``,
@@ -341,7 +365,7 @@ def export_onnx(model, out_path, opset=17, shape=None):
     function, grid = _inference_function(model, shape)
     specs = input_signature(grid)
 
-    def serve(fixed, moving, spacing):
+    def serve(fixed: Tensor, moving: Tensor, spacing: Tensor) -> dict[str, Tensor]:
         return function({"fixed": fixed, "moving": moving, "spacing": spacing})
 
     traced = tf.function(serve, input_signature=[specs[name] for name in INPUTS], autograph=False)
@@ -364,7 +388,7 @@ def export_onnx(model, out_path, opset=17, shape=None):
     return out_path
 
 
-def _frozen_without_xla(concrete, inputs, outputs):
+def _frozen_without_xla(concrete: Any, inputs: list[str], outputs: list[str]) -> Any:
     """The frozen GraphDef of ``concrete`` (tf2onnx's freezing) with the XLA marks removed from
     its functions and calls, so that tf2onnx's graph optimisation inlines them as plain ops."""
     from tf2onnx import tf_loader
@@ -377,7 +401,8 @@ def _frozen_without_xla(concrete, inputs, outputs):
     return frozen
 
 
-def _inference_function(model, shape=None):
+def _inference_function(model: keras.Model | PathLike, shape: Shape | None = None,
+                        ) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], tuple[int, ...]]:
     """``(inputs dict -> outputs dict, grid)`` for a Keras model or a SavedModel directory."""
     if isinstance(model, (str, os.PathLike)):
         from tfmlreg.inference import SavedModelPredictor
@@ -389,8 +414,10 @@ def _inference_function(model, shape=None):
     return serving_fn(model, grid, check_inputs=False), grid
 
 
-def check_onnx_parity(onnx_path, reference, inputs=None, atol=1e-3, checked=("displacement",),
-                      shape=None):
+def check_onnx_parity(onnx_path: PathLike, reference: keras.Model | PathLike,
+                      inputs: Mapping[str, ArrayLike] | None = None, atol: float = 1e-3,
+                      checked: Sequence[str] = ("displacement",),
+                      shape: Shape | None = None) -> dict[str, float]:
     """Run ``onnx_path`` in ONNX Runtime (CPU) against ``reference`` (Keras model or SavedModel).
 
     ``inputs`` defaults to :func:`synthetic_pair` on the model grid. Returns the largest absolute
@@ -415,13 +442,14 @@ def check_onnx_parity(onnx_path, reference, inputs=None, atol=1e-3, checked=("di
     return errors
 
 
-def require_tf_trt():
+def require_tf_trt() -> None:
     """Raise ``RuntimeError`` naming the alternatives unless this TensorFlow carries TF-TRT."""
     if not tf.sysconfig.get_build_info().get("is_tensorrt_build", False):
         raise RuntimeError(TF_TRT_MISSING)
 
 
-def export_tf_trt(saved_model_dir, out_dir, precision="FP16"):
+def export_tf_trt(saved_model_dir: PathLike, out_dir: PathLike,
+                  precision: str = "FP16") -> PathLike:
     """Convert a SavedModel with TF-TRT (TensorRT inside TensorFlow); needs a TensorRT TF build.
 
     Raises ``RuntimeError`` with the alternatives on builds without TF-TRT (all official pip

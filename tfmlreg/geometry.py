@@ -15,8 +15,13 @@ Everything is written in ``keras.ops`` with static spatial shapes, so it runs un
 compose and resample are thin uses of it.
 """
 
+from __future__ import annotations
+
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike, DTypeLike
+
+from tfmlreg.types import Array, PathLike, Shape, Spacing, Tensor
 
 FLOAT = "float32"
 
@@ -24,7 +29,8 @@ FLOAT = "float32"
 # --- spacing: one rule (finite, > 0 mm), a NumPy and a keras.ops variant ---------------------
 
 
-def _checked_values(values, name, plausible_mm=None):
+def _checked_values(values: ArrayLike, name: PathLike,
+                   plausible_mm: tuple[float, float] | None = None) -> Array:
     """``values`` (float64) if every voxel size is finite and > 0 mm (and, with ``plausible_mm``
     ``(low, high)``, within it); else a one-line ValueError naming ``name``."""
     values = np.asarray(values, np.float64)
@@ -40,7 +46,8 @@ def _checked_values(values, name, plausible_mm=None):
     return values
 
 
-def check_spacing(spacing, name="spacing", batch_size=None, plausible_mm=None):
+def check_spacing(spacing: Spacing, name: PathLike = "spacing", batch_size: int | None = None,
+                  plausible_mm: tuple[float, float] | None = None) -> Array:
     """NumPy: voxel sizes in mm as float64 ``(3,)`` from a scalar or 3 values, or with
     ``batch_size`` ``(B, 3)`` from a scalar, ``(3,)``, ``(1, 3)`` or ``(B, 3)``.
 
@@ -64,7 +71,7 @@ def check_spacing(spacing, name="spacing", batch_size=None, plausible_mm=None):
     return np.ascontiguousarray(_checked_values(values, name, plausible_mm))
 
 
-def _known_value(spacing):
+def _known_value(spacing: Spacing) -> Array | None:
     """The NumPy value of ``spacing`` if it is known now; None for a traced (symbolic) tensor."""
     try:
         return np.asarray(spacing if not ops.is_tensor(spacing) else ops.convert_to_numpy(spacing),
@@ -73,7 +80,8 @@ def _known_value(spacing):
         return None
 
 
-def as_spacing(spacing, batch_size=None, name="spacing"):
+def as_spacing(spacing: Spacing, batch_size: int | Tensor | None = None,
+               name: str = "spacing") -> Tensor:
     """keras.ops: spacing as a float32 ``(B, 3)`` tensor from a scalar, a ``(3,)`` or a ``(B, 3)``.
 
     The values follow :func:`check_spacing`'s rule wherever they are known when called (Python
@@ -95,7 +103,7 @@ def as_spacing(spacing, batch_size=None, name="spacing"):
     return spacing
 
 
-def spatial_shape(volume):
+def spatial_shape(volume: Tensor) -> tuple[int, ...]:
     """The static ``(D, H, W)`` of a ``(B, D, H, W, C)`` volume; raises if it is not 5-D or static."""
     shape = tuple(volume.shape)
     if len(shape) != 5:
@@ -105,14 +113,14 @@ def spatial_shape(volume):
     return tuple(int(n) for n in shape[1:4])
 
 
-def _batch(volume):
+def _batch(volume: Tensor) -> int | Tensor:
     return ops.shape(volume)[0]
 
 
 # --- the cell-centred grid: voxel i at (i + 0.5) * h, a keras.ops and a NumPy variant --------
 
 
-def grid_points(shape, spacing):
+def grid_points(shape: Shape, spacing: Tensor) -> Tensor:
     """keras.ops: cell-centre coordinates in mm, ``(B, D, H, W, 3)``, of a grid of ``shape`` with
     ``spacing (B, 3)``.
 
@@ -124,7 +132,7 @@ def grid_points(shape, spacing):
     return centres[None] * spacing[:, None, None, None, :]
 
 
-def cell_centres(index, spacing, dtype=np.float64):
+def cell_centres(index: ArrayLike, spacing: Spacing, dtype: DTypeLike = np.float64) -> Array:
     """NumPy: the mm position ``(index + 0.5) * spacing`` of voxel indices (any shape, last axis
     or a scalar matching ``spacing``).
 
@@ -135,13 +143,14 @@ def cell_centres(index, spacing, dtype=np.float64):
     return ((np.asarray(index, np.float64) + 0.5) * spacing).astype(dtype, copy=False)
 
 
-def voxel_index(points_mm, spacing):
+def voxel_index(points_mm: ArrayLike, spacing: Spacing) -> Array:
     """NumPy: the fractional voxel index ``points / spacing - 0.5`` of mm positions (float64),
     the inverse of :func:`cell_centres`."""
     return np.asarray(points_mm, np.float64) / np.asarray(spacing, np.float64) - 0.5
 
 
-def grid_points_numpy(shape, spacing, dtype=np.float64, start=(0, 0, 0)):
+def grid_points_numpy(shape: Shape, spacing: Spacing, dtype: DTypeLike = np.float64,
+                      start: Shape = (0, 0, 0)) -> Array:
     """NumPy: cell-centre coordinates in mm, ``(D, H, W, 3)`` (unbatched), of ``shape`` voxels
     with ``spacing (3,)``, from voxel index ``start`` on (a sub-box of a larger grid)."""
     spacing = np.broadcast_to(np.asarray(spacing, dtype), (3,))
@@ -150,7 +159,8 @@ def grid_points_numpy(shape, spacing, dtype=np.float64, start=(0, 0, 0)):
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def sample(volume, points, spacing, fill_value=None):
+def sample(volume: Tensor, points: Tensor, spacing: Spacing,
+           fill_value: float | None = None) -> Tensor:
     """Trilinear values of ``volume`` at ``points`` (mm), ``(B, ..., 3)`` -> ``(B, ..., C)``.
 
     ``spacing`` is the volume's spacing. Between the outermost cell centres and the domain edge the
@@ -181,7 +191,8 @@ def sample(volume, points, spacing, fill_value=None):
     return ops.reshape(values, (-1,) + point_dims + (channels,))
 
 
-def _trilinear(volume, dims, batch, i0, i1, frac):
+def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: Tensor, i1: Tensor,
+               frac: Tensor) -> Tensor:
     """Blend the 8 corner values; indices ``(B, N, 3)`` int32 already clamped, ``frac`` in [0, 1)."""
     d, h, w = dims
     flat = ops.reshape(volume, (-1, volume.shape[-1]))
@@ -190,12 +201,12 @@ def _trilinear(volume, dims, batch, i0, i1, frac):
     cols = [i[..., 1] * w for i in (i0, i1)]
     deps = [i[..., 2] for i in (i0, i1)]
 
-    def corner(a, b, c):
+    def corner(a: int, b: int, c: int) -> Tensor:
         return ops.take(flat, rows[a] + cols[b] + deps[c], axis=0)
 
     fz, fy, fx = (frac[..., k : k + 1] for k in range(3))
 
-    def lerp(lo, hi, t):
+    def lerp(lo: Tensor, hi: Tensor, t: Tensor) -> Tensor:
         return lo + (hi - lo) * t
 
     face = [
@@ -206,7 +217,8 @@ def _trilinear(volume, dims, batch, i0, i1, frac):
     return lerp(edge[0], edge[1], fz)
 
 
-def warp(image, displacement, spacing=1.0, fill_value=0.0):
+def warp(image: Tensor, displacement: Tensor, spacing: Spacing = 1.0,
+         fill_value: float | None = 0.0) -> Tensor:
     """Pull-back warp ``M(x + u(x))``: ``image (B, D, H, W, C)``, ``displacement (B, D', H', W', 3)`` in mm.
 
     The displacement lives on the output grid; the image may have another size over the same
@@ -221,13 +233,13 @@ def warp(image, displacement, spacing=1.0, fill_value=0.0):
     return sample(image, points, image_spacing, fill_value)
 
 
-def compose(outer, inner, spacing=1.0):
+def compose(outer: Tensor, inner: Tensor, spacing: Spacing = 1.0) -> Tensor:
     """Displacement of ``outer ∘ inner``: ``u = u_inner + u_outer(x + u_inner(x))`` (both in mm, same grid)."""
     inner = ops.cast(inner, FLOAT)
     return inner + warp(outer, inner, spacing, fill_value=None)
 
 
-def resample(volume, spacing, target_shape):
+def resample(volume: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     """The same physical field on another cell-centred grid of the same domain (trilinear).
 
     Values are not rescaled: a displacement in mm keeps its mm values (prolongation), an image
@@ -242,12 +254,12 @@ def resample(volume, spacing, target_shape):
     return sample(volume, grid_points(target_shape, target_spacing), spacing)
 
 
-def resample_displacement(displacement, spacing, target_shape):
+def resample_displacement(displacement: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     """A displacement field (mm) carried to another grid of the same domain; see :func:`resample`."""
     return resample(displacement, spacing, target_shape)
 
 
-def _spacing_for(spacing, source_dims, target_dims):
+def _spacing_for(spacing: Tensor, source_dims: Shape, target_dims: Shape) -> Tensor:
     """Spacing of ``target_dims`` voxels over the domain that ``source_dims`` voxels of ``spacing`` cover."""
     ratio = np.asarray(source_dims, np.float32) / np.asarray(target_dims, np.float32)
     if np.all(ratio == 1.0):
@@ -255,7 +267,7 @@ def _spacing_for(spacing, source_dims, target_dims):
     return spacing * ops.convert_to_tensor(ratio)[None, :]
 
 
-def check_divisible(shape, factor, name="shape"):
+def check_divisible(shape: Shape, factor: int, name: str = "shape") -> tuple[int, ...]:
     """Raise a one-line ValueError unless every entry of ``shape`` is a positive multiple of ``factor``."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or any(n <= 0 or n % factor for n in shape):
@@ -263,13 +275,13 @@ def check_divisible(shape, factor, name="shape"):
     return shape
 
 
-def downsample(volume):
+def downsample(volume: Tensor) -> Tensor:
     """One pyramid step: 2×2×2 average pooling (exact low-pass + stride 2 on cell-centred grids)."""
     check_divisible(spatial_shape(volume), 2, "volume")
     return ops.average_pool(ops.cast(volume, FLOAT), 2, strides=2, padding="valid")
 
 
-def pyramid(volume, levels):
+def pyramid(volume: Tensor, levels: int) -> list[Tensor]:
     """``[level 1 (the input), level 2, ..., level L]``, each half the size of the one before."""
     check_divisible(spatial_shape(volume), 2 ** (levels - 1), "volume")
     out = [ops.cast(volume, FLOAT)]
@@ -278,7 +290,7 @@ def pyramid(volume, levels):
     return out
 
 
-def level_shape(shape, level):
+def level_shape(shape: Shape, level: int) -> tuple[int, ...]:
     """Spatial shape of pyramid ``level`` (1 = finest) for an input grid of ``shape``."""
     factor = 2 ** (level - 1)
     check_divisible(shape, factor, "shape")

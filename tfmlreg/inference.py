@@ -18,21 +18,26 @@ SavedModel is float32 as written, so a reduced precision runs the ``model.keras`
 its versions (``NAME/model.keras``) when there is one.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import time
 import zipfile
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
+from numpy.typing import ArrayLike
 
 from tfmlreg import geometry, models, refinement
 from tfmlreg.ct import AIR_HU
 from tfmlreg.data import pipeline
 from tfmlreg.data.io import DataError
 from tfmlreg.interface import OUTPUTS, SIGNATURE
+from tfmlreg.types import Array, PathLike, Shape
 
 NO_MODEL = "none"  # load_predictor("none"): no network, the refinement starts from zero
 
@@ -42,9 +47,9 @@ class Predictor(Protocol):
     batched float32 NumPy ``fixed``, ``moving`` ``(B, D, H, W, 1)`` (HU) and ``spacing``
     ``(B, 3)`` (mm) returning NumPy ``{"displacement": (B, D, H, W, 3) mm, "warped": ...}``."""
 
-    shape: tuple
+    shape: tuple[int, ...]
 
-    def __call__(self, fixed, moving, spacing):
+    def __call__(self, fixed: Array, moving: Array, spacing: Array) -> dict[str, Array]:
         ...
 
 
@@ -53,7 +58,7 @@ CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 arithmetic
 CPUINFO = "/proc/cpuinfo"
 
 
-def native_precision():
+def native_precision() -> str:
     """The fastest precision this machine runs natively: float16 with a GPU, bfloat16 on a CPU
     with AVX-512 BF16 or AMX, else float32."""
     if tf.config.list_physical_devices("GPU"):
@@ -67,7 +72,7 @@ def native_precision():
     return "bfloat16" if flags.intersection(CPU_BFLOAT16_FLAGS) else "float32"
 
 
-def resolve_precision(precision="auto"):
+def resolve_precision(precision: str = "auto") -> str:
     """``precision`` checked, with ``"auto"`` replaced by :func:`native_precision`."""
     if precision not in PRECISION_CHOICES:
         raise DataError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
@@ -86,7 +91,7 @@ class SavedModelPredictor:
 
     precision = "float32"  # as exported
 
-    def __init__(self, path, signature=SIGNATURE):
+    def __init__(self, path: PathLike, signature: str = SIGNATURE) -> None:
         self.path = os.fspath(path)
         with _loading(self.path):
             self.loaded = tf.saved_model.load(self.path)
@@ -97,7 +102,7 @@ class SavedModelPredictor:
         spec = self.signature.structured_input_signature[1]["fixed"]
         self.shape = tuple(int(n) for n in spec.shape[1:4])
 
-    def __call__(self, fixed, moving, spacing):
+    def __call__(self, fixed: ArrayLike, moving: ArrayLike, spacing: ArrayLike) -> dict[str, Array]:
         outputs = self.signature(fixed=tf.constant(fixed, tf.float32),
                                  moving=tf.constant(moving, tf.float32),
                                  spacing=tf.constant(spacing, tf.float32))
@@ -111,8 +116,8 @@ class KerasPredictor:
     Given a model object, the folded copy takes the model's current weights at every call (the
     caller may go on training it)."""
 
-    def __init__(self, path_or_model, precision="auto"):
-        model = path_or_model
+    def __init__(self, path_or_model: PathLike | keras.Model, precision: str = "auto") -> None:
+        model: keras.Model = path_or_model
         if isinstance(path_or_model, (str, os.PathLike)):
             self.path = os.fspath(path_or_model)
             model = load_model(self.path)
@@ -127,7 +132,7 @@ class KerasPredictor:
         inference = self.inference
         self._predict = tf.function(lambda inputs: inference(inputs, training=False))
 
-    def __call__(self, fixed, moving, spacing):
+    def __call__(self, fixed: ArrayLike, moving: ArrayLike, spacing: ArrayLike) -> dict[str, Array]:
         if self._follow:
             self.inference.load_folded(self.model)
         outputs = self._predict({"fixed": fixed, "moving": moving, "spacing": spacing})
@@ -138,17 +143,20 @@ class RemotePredictor:
     """A model behind TF Serving (gRPC); ``shape`` is the model grid the server expects (None:
     read from the served signature, :meth:`tfmlreg.serving.RegistrationClient.grid`)."""
 
-    def __init__(self, address, shape=None, model_name=None):
+    def __init__(self, address: str, shape: Shape | None = None,
+                 model_name: str | None = None) -> None:
         from tfmlreg.serving import DEFAULT_MODEL_NAME, RegistrationClient
 
         self.client = RegistrationClient(address, model_name=model_name or DEFAULT_MODEL_NAME)
         self.shape = tuple(int(n) for n in (shape if shape is not None else self.client.grid()))
 
-    def __call__(self, fixed, moving, spacing):
+    def __call__(self, fixed: ArrayLike, moving: ArrayLike, spacing: ArrayLike) -> dict[str, Array]:
         return self.client.register(fixed, moving, spacing)
 
 
-def load_predictor(path=None, precision="auto", *, server=None, shape=None, model_name=None):
+def load_predictor(path: PathLike | None = None, precision: str = "auto", *,
+                   server: str | None = None, shape: Shape | None = None,
+                   model_name: str | None = None) -> Predictor | None:
     """The predictor of a model: the one way tfmlreg loads one.
 
     * ``server`` (``HOST:PORT`` of TF Serving): a :class:`RemotePredictor` of the served model
@@ -188,7 +196,7 @@ def load_predictor(path=None, precision="auto", *, server=None, shape=None, mode
     return SavedModelPredictor(version)
 
 
-def load_model(path):
+def load_model(path: PathLike) -> keras.Model:
     """The Keras model of a trained ``.keras`` file, checked: a one-line :class:`DataError`
     naming the file when it is missing, damaged or of another format."""
     path = os.fspath(path)
@@ -202,7 +210,7 @@ def load_model(path):
 
 
 @contextlib.contextmanager
-def _loading(path):
+def _loading(path: PathLike) -> Iterator[None]:
     """Errors of loading a damaged or foreign model file as one DataError naming the file."""
     from google.protobuf.message import DecodeError
 
@@ -216,7 +224,7 @@ def _loading(path):
         raise DataError(f"{path}: cannot load the model ({type(error).__name__}: {reason})"[:300]) from None
 
 
-def _latest_version(path):
+def _latest_version(path: str) -> str:
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
     versions = [int(name) for name in os.listdir(path) if name.isdigit()
@@ -226,7 +234,9 @@ def _latest_version(path):
     return os.path.join(path, str(max(versions)))
 
 
-def register_pair(predictor, pair, refine=None, progress=False):
+def register_pair(predictor: Predictor | None, pair: Mapping[str, Any],
+                  refine: refinement.RefineConfig | None = None,
+                  progress: bool = False) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` of a loaded pair (see :func:`tfmlreg.data.io.load_pair`).
 
     The network (``predictor``) gives a field in one shot; ``refine`` (a
@@ -239,7 +249,7 @@ def register_pair(predictor, pair, refine=None, progress=False):
     """
     if predictor is None and refine is None:
         raise ValueError("model: with no network, refinement must be on")
-    result = {"seconds_network": 0.0, "seconds_refinement": 0.0}
+    result: dict[str, Any] = {"seconds_network": 0.0, "seconds_refinement": 0.0}
     displacement = None
     if predictor is not None:
         displacement, result["seconds_network"] = _network_field(predictor, pair)
@@ -251,12 +261,13 @@ def register_pair(predictor, pair, refine=None, progress=False):
             result["network_displacement"] = displacement
         displacement, result["seconds_refinement"] = refined["displacement"], refined["seconds"]
     result["displacement"] = displacement
+    assert displacement is not None  # the network, the refinement or both ran (checked above)
     result["warped"] = warp_moving(pair, displacement)
     result["seconds"] = result["seconds_network"] + result["seconds_refinement"]
     return result
 
 
-def _network_field(predictor, pair):
+def _network_field(predictor: Predictor, pair: Mapping[str, Any]) -> tuple[Array, float]:
     """The network's displacement on the fixed image's own grid, and the model's time."""
     grid = pipeline.to_network_grid(pair, predictor.shape)
     start = time.perf_counter()
@@ -269,7 +280,7 @@ def _network_field(predictor, pair):
     return displacement, seconds
 
 
-def warp_moving(pair, displacement):
+def warp_moving(pair: Mapping[str, Any], displacement: ArrayLike) -> Array:
     """The moving image (its own grid and spacing) pulled back onto the fixed grid by ``u`` (mm)."""
     fixed_spacing = np.asarray(pair["spacing_fixed"], np.float32)
     points = geometry.grid_points(np.shape(pair["fixed"]), geometry.as_spacing(fixed_spacing, 1))

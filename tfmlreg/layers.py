@@ -13,28 +13,36 @@ CPU convolutions are several times slower than oneDNN's, so the model as a whole
 convert XLA-compiled functions). Other backends run :mod:`tfmlreg.geometry` as it is.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import keras
 from keras import ops
 
 from tfmlreg import geometry
 from tfmlreg.ct import HU_WINDOW
+from tfmlreg.types import Shape, Spacing, Tensor
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 serializable = keras.saving.register_keras_serializable(package="tfmlreg")
 
 _plain = threading.local()  # per thread: an export in one thread leaves the others compiled
 
 
-def geometry_compiled():
+def geometry_compiled() -> bool:
     """Whether the geometry is traced as XLA-compiled functions here and now."""
     return keras.backend.backend() == "tensorflow" and not getattr(_plain, "on", False)
 
 
 @contextlib.contextmanager
-def plain_geometry():
+def plain_geometry() -> Iterator[None]:
     """Trace the geometry as plain ops in this block (graphs traced here keep it plain)."""
     previous = getattr(_plain, "on", False)
     _plain.on = True
@@ -44,13 +52,13 @@ def plain_geometry():
         _plain.on = previous
 
 
-def xla_compiled(function):
+def xla_compiled(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` as an XLA-compiled ``tf.function`` while :func:`geometry_compiled` (the one
     wrapper for every geometry-heavy function: model layers, metrics, synthetic motion)."""
     compiled = None
 
     @functools.wraps(function)
-    def call(*args, **kwargs):
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal compiled
         if not geometry_compiled():
             return function(*args, **kwargs)
@@ -73,7 +81,7 @@ sample = xla_compiled(geometry.sample)
 class _Float32Layer(keras.layers.Layer):
     """Base: float32 compute dtype by default, whatever the global policy."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
 
@@ -82,14 +90,14 @@ class _Float32Layer(keras.layers.Layer):
 class SpatialTransformer(_Float32Layer):
     """Pull-back trilinear warp ``M(x + u(x))``; ``call(image, displacement, spacing)``, u in mm."""
 
-    def __init__(self, fill_value=0.0, **kwargs):
+    def __init__(self, fill_value: float | None = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fill_value = fill_value
 
-    def call(self, image, displacement, spacing=1.0):
+    def call(self, image: Tensor, displacement: Tensor, spacing: Spacing = 1.0) -> Tensor:
         return warp(image, displacement, spacing, self.fill_value)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "fill_value": self.fill_value}
 
 
@@ -97,7 +105,7 @@ class SpatialTransformer(_Float32Layer):
 class ComposeDisplacement(_Float32Layer):
     """Displacement of ``outer ∘ inner``; ``call(outer, inner, spacing)``, both mm on one grid."""
 
-    def call(self, outer, inner, spacing=1.0):
+    def call(self, outer: Tensor, inner: Tensor, spacing: Spacing = 1.0) -> Tensor:
         return compose(outer, inner, spacing)
 
 
@@ -105,14 +113,14 @@ class ComposeDisplacement(_Float32Layer):
 class Resample(_Float32Layer):
     """Carry a field to ``target_shape`` over the same domain (prolongation when finer)."""
 
-    def __init__(self, target_shape, **kwargs):
+    def __init__(self, target_shape: Shape, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.target_shape = tuple(int(n) for n in target_shape)
 
-    def call(self, volume, spacing=1.0):
+    def call(self, volume: Tensor, spacing: Spacing = 1.0) -> Tensor:
         return resample(volume, spacing, self.target_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "target_shape": self.target_shape}
 
 
@@ -120,14 +128,14 @@ class Resample(_Float32Layer):
 class ImagePyramid(_Float32Layer):
     """``[level 1, ..., level L]`` by repeated 2×2×2 average pooling; level 1 is the input."""
 
-    def __init__(self, levels, **kwargs):
+    def __init__(self, levels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.levels = int(levels)
 
-    def call(self, volume):
+    def call(self, volume: Tensor) -> list[Tensor]:
         return geometry.pyramid(volume, self.levels)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "levels": self.levels}
 
 
@@ -139,16 +147,16 @@ class IntensityWindow(_Float32Layer):
     to 0, which is also the fill value used for points warped out of the domain.
     """
 
-    def __init__(self, window=HU_WINDOW, **kwargs):
+    def __init__(self, window: Sequence[float] = HU_WINDOW, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         low, high = (float(v) for v in window)
         if not high > low:
             raise ValueError(f"window: expected (low, high) with high > low, got {window}")
         self.window = (low, high)
 
-    def call(self, image):
+    def call(self, image: Tensor) -> Tensor:
         low, high = self.window
         return ops.clip((ops.cast(image, "float32") - low) / (high - low), 0.0, 1.0)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "window": self.window}

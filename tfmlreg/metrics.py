@@ -10,11 +10,15 @@ scales with the volume is done in slabs along axis 0, so a 512×512×136 field n
 than a few full-size float32 arrays (the field, the result, the moving one-hot maps).
 """
 
+from __future__ import annotations
+
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike
 
 from tfmlreg import geometry
 from tfmlreg.layers import xla_compiled
+from tfmlreg.types import Array, Spacing, Tensor
 
 __all__ = [
     "jacobian_determinant",
@@ -30,7 +34,7 @@ __all__ = [
 SLAB_VOXELS = 1 << 22
 
 
-def _displacement(u):
+def _displacement(u: ArrayLike) -> Array:
     """The field as a floating ``(D, H, W, 3)`` array (float32 unless it already is floating)."""
     u = np.asarray(u)
     if u.ndim != 4 or u.shape[-1] != 3:
@@ -38,7 +42,7 @@ def _displacement(u):
     return u if np.issubdtype(u.dtype, np.floating) else u.astype(np.float32)
 
 
-def _slabs(length, voxels_per_slice):
+def _slabs(length: int, voxels_per_slice: int) -> list[tuple[int, int]]:
     """``(start, stop)`` ranges covering axis 0, about :data:`SLAB_VOXELS` voxels each.
 
     All slabs have the same size (the last one overlaps its neighbour instead of being shorter), so
@@ -51,7 +55,7 @@ def _slabs(length, voxels_per_slice):
 # --- Jacobian ---------------------------------------------------------------------------------------
 
 
-def jacobian_determinant(u, spacing):
+def jacobian_determinant(u: ArrayLike, spacing: Spacing) -> Array:
     """``det(I + ∇u)`` per voxel, ``(D, H, W)``, dimensionless (the local volume change of ``y``).
 
     ``∂u_c/∂x_k`` follows ``np.gradient`` with the spacing: central differences inside, one-sided
@@ -79,7 +83,7 @@ def jacobian_determinant(u, spacing):
     return det
 
 
-def folding_fraction(u, spacing):
+def folding_fraction(u: ArrayLike, spacing: Spacing) -> float:
     """Share of voxels (in [0, 1]) where ``y = x + u`` folds, i.e. ``det(I + ∇u) <= 0``."""
     return float(np.mean(jacobian_determinant(u, spacing) <= 0))
 
@@ -87,7 +91,7 @@ def folding_fraction(u, spacing):
 # --- labels -----------------------------------------------------------------------------------------
 
 
-def _label_map(labels, name):
+def _label_map(labels: ArrayLike, name: str) -> Array:
     """A non-negative integer label map; float maps are accepted when their values are integral."""
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -99,7 +103,8 @@ def _label_map(labels, name):
     return labels
 
 
-def dice(fixed_labels, warped_labels, labels=None):
+def dice(fixed_labels: ArrayLike, warped_labels: ArrayLike,
+         labels: ArrayLike | None = None) -> dict[int, float]:
     """Dice overlap ``2|F_k ∩ M_k| / (|F_k| + |M_k|)`` per label, as ``{label: dice}``.
 
     ``labels`` defaults to every nonzero label present in either map. A label absent from both
@@ -128,7 +133,8 @@ def dice(fixed_labels, warped_labels, labels=None):
     return result
 
 
-def _most_probable(onehot, displacement, spacing, offset, moving_spacing):
+def _most_probable(onehot: Tensor, displacement: Tensor, spacing: Tensor, offset: Tensor,
+                   moving_spacing: Tensor) -> Tensor:
     """Index into ``[background, *labels]`` of the most probable label on one slab, ``(S, H, W)`` int32.
 
     ``displacement`` ``(1, S, H, W, 3)`` mm is the slab starting ``offset`` (mm, ``(3,)``) into the
@@ -150,7 +156,7 @@ def _most_probable(onehot, displacement, spacing, offset, moving_spacing):
 _most_probable_compiled = xla_compiled(_most_probable)  # the warp is ~8x faster compiled
 
 
-def warp_labels(labels, displacement, spacing):
+def warp_labels(labels: ArrayLike, displacement: ArrayLike, spacing: Spacing) -> Array:
     """Warp a moving label map into the fixed grid: ``(D, H, W)`` labels of the moving map's dtype.
 
     Each label's one-hot map is warped trilinearly (``geometry.sample``, pull-back
@@ -185,14 +191,15 @@ def warp_labels(labels, displacement, spacing):
 # --- target registration error ------------------------------------------------------------------
 
 
-def _points(points, name):
+def _points(points: ArrayLike, name: str) -> Array:
     points = np.asarray(points, np.float64)
     if points.ndim != 2 or points.shape[-1] != 3:
         raise ValueError(f"{name}: expected (N, 3) points in mm, got shape {points.shape}")
     return points
 
 
-def tre(u, spacing, fixed_points_mm, moving_points_mm, snap=False):
+def tre(u: ArrayLike, spacing: Spacing, fixed_points_mm: ArrayLike, moving_points_mm: ArrayLike,
+        snap: bool = False) -> Array:
     """Target registration error per landmark, ``(N,)`` in mm: ``|p_F + u(p_F) − p_M|``.
 
     ``u`` ``(D, H, W, 3)`` in mm on the fixed grid is interpolated trilinearly at the fixed
@@ -216,12 +223,13 @@ def tre(u, spacing, fixed_points_mm, moving_points_mm, snap=False):
     return np.linalg.norm(warped - moving, axis=-1)
 
 
-def tre_snapped(u, spacing, fixed_points_mm, moving_points_mm):
+def tre_snapped(u: ArrayLike, spacing: Spacing, fixed_points_mm: ArrayLike,
+                moving_points_mm: ArrayLike) -> Array:
     """DIR-LAB TRE: :func:`tre` with warped points snapped to the nearest voxel centre (mm)."""
     return tre(u, spacing, fixed_points_mm, moving_points_mm, snap=True)
 
 
-def tre_summary(errors):
+def tre_summary(errors: ArrayLike) -> dict[str, float]:
     """``{"mean", "std", "max"}`` of per-landmark errors in mm (population std, ``ddof=0``)."""
     errors = np.asarray(errors, np.float64).reshape(-1)
     if errors.size == 0:

@@ -15,12 +15,18 @@ Messages name the output by ``what``, the caller's name for it (the argument ``o
 :mod:`tfmlreg.commands` by default; the command line shows its flags). No TensorFlow here.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from typing import IO
+
+from tfmlreg.types import PathLike
 
 STAGING = "staging"
 REPLACED = "old"
@@ -30,13 +36,13 @@ class OutputError(ValueError):
     """An output that cannot be used (exists, not writable, in use); one line naming it."""
 
 
-def _beside(path, kind):
+def _beside(path: PathLike, kind: str) -> str:
     """``DIR/.NAME.KIND-<random>``: a hidden sibling of ``path`` on the same file system."""
     parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(parent, f".{name}.{kind}-{secrets.token_hex(4)}")
 
 
-def leftovers(path):
+def leftovers(path: PathLike) -> list[str]:
     """Hidden siblings that runs on ``path`` left behind (staging folders, replaced outputs)."""
     parent, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -45,14 +51,14 @@ def leftovers(path):
     return [os.path.join(parent, entry) for entry in os.listdir(parent) if entry.startswith(prefixes)]
 
 
-def _remove(path):
+def _remove(path: PathLike) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.remove(path)
 
 
-def check_parent(path, what):
+def check_parent(path: PathLike, what: str) -> list[str]:
     """Make the folder that will hold ``path`` (if need be); returns the folders it made,
     deepest first. Raises OutputError if that folder cannot be written."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -72,7 +78,7 @@ def check_parent(path, what):
     return missing
 
 
-def check_target(path, overwrite, what, folder=True):
+def check_target(path: PathLike, overwrite: bool, what: str, folder: bool = True) -> None:
     """Refuse an output that exists with content, unless ``overwrite``; refuse a wrong kind."""
     if not os.path.lexists(path):
         return
@@ -89,7 +95,7 @@ def check_target(path, overwrite, what, folder=True):
 
 
 @contextlib.contextmanager
-def locked(path, what="out"):
+def locked(path: PathLike, what: str = "out") -> Iterator[None]:
     """Hold the exclusive lock of ``path`` (which need not exist) for the ``with`` block."""
     made = check_parent(path, what)
     parent, name = os.path.split(os.path.abspath(path))
@@ -108,7 +114,7 @@ def locked(path, what="out"):
                 os.rmdir(folder)
 
 
-def _acquire(lock_path, path, what):
+def _acquire(lock_path: str, path: PathLike, what: str) -> IO[str]:
     """Open and flock ``lock_path``; retried when another run removed the file meanwhile."""
     while True:
         try:
@@ -135,7 +141,8 @@ def _acquire(lock_path, path, what):
 
 
 @contextlib.contextmanager
-def staged(path, overwrite=False, what="out", folder=True):
+def staged(path: PathLike, overwrite: bool = False, what: str = "out",
+           folder: bool = True) -> Iterator[str]:
     """Lock ``path``, check it, and yield an empty hidden staging folder beside it.
 
     On success, a ``folder`` output becomes the staging folder itself; a file output is the file
@@ -156,7 +163,7 @@ def staged(path, overwrite=False, what="out", folder=True):
             _remove(staging)
 
 
-def _replace_folder(staging, path):
+def _replace_folder(staging: str, path: PathLike) -> None:
     """Put ``staging`` at ``path``; an existing ``path`` is moved aside first, then removed."""
     if not os.path.lexists(path):
         os.rename(staging, path)

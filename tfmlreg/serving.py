@@ -16,13 +16,19 @@ Needs ``grpcio`` and ``tensorflow-serving-api`` (``pip install --no-deps`` the l
 otherwise pull the full ``tensorflow`` wheel over ``tensorflow-cpu``).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+
 import grpc
 import numpy as np
 import tensorflow as tf
+from numpy.typing import ArrayLike
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from tfmlreg import geometry
 from tfmlreg.interface import OUTPUTS, SIGNATURE
+from tfmlreg.types import Array, Spacing
 
 DEFAULT_MODEL_NAME = "demo"  # the shipped model (tfmlreg.models), as in serving/models.config
 # A 160³ float32 pair is ~33 MB and its reply ~65 MB, far over gRPC's 4 MB default.
@@ -35,7 +41,7 @@ class ServingError(RuntimeError):
     """TF Serving answered with an error (or an unusable reply); the message is one line."""
 
 
-def channel_options(max_message_bytes=MAX_MESSAGE_BYTES):
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """gRPC options raising the send and receive limits (use them on test servers too)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -51,15 +57,16 @@ class RegistrationClient:
     version; by default the server's latest is used.
     """
 
-    def __init__(self, address="localhost:8500", model_name=DEFAULT_MODEL_NAME,
-                 signature=SIGNATURE, timeout=60.0, version=None,
-                 max_message_bytes=MAX_MESSAGE_BYTES):
+    def __init__(self, address: str = "localhost:8500", model_name: str = DEFAULT_MODEL_NAME,
+                 signature: str = SIGNATURE, timeout: float = 60.0, version: int | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.address, self.model_name, self.signature = address, model_name, signature
         self.timeout, self.version = timeout, version
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
-    def register(self, fixed, moving, spacing=1.0):
+    def register(self, fixed: ArrayLike, moving: ArrayLike,
+                 spacing: Spacing = 1.0) -> dict[str, Array]:
         """Register ``moving`` to ``fixed``; returns NumPy ``{"displacement", "warped"}``.
 
         ``fixed`` and ``moving`` are one image ``(D, H, W)`` / ``(D, H, W, 1)`` or a batch
@@ -87,7 +94,7 @@ class RegistrationClient:
             "warped": outputs["warped"][0].reshape(np.shape(moving)),
         }
 
-    def grid(self):
+    def grid(self) -> tuple[int, ...]:
         """The served model's grid ``(D, H, W)``, read from the input ``fixed`` of its signature
         (TF Serving's ``GetModelMetadata``, no inference run)."""
         request = get_model_metadata_pb2.GetModelMetadataRequest()
@@ -115,7 +122,7 @@ class RegistrationClient:
                                "(B, D, H, W, 1) with a fixed grid; is it a tfmlreg export?")
         return tuple(int(n) for n in dims[1:4])
 
-    def predict(self, inputs):
+    def predict(self, inputs: Mapping[str, ArrayLike]) -> dict[str, Array]:
         """One ``Predict`` call: dict of NumPy arrays in, ``{"displacement", "warped"}`` out."""
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
@@ -136,7 +143,7 @@ class RegistrationClient:
             )
         return {name: tf.make_ndarray(response.outputs[name]) for name in OUTPUTS}
 
-    def _error(self, error):
+    def _error(self, error: grpc.RpcError) -> Exception:
         """A one-line exception naming the server, the model and gRPC's reason."""
         details = next((line for line in (error.details() or "").splitlines() if line.strip()), "")
         message = (
@@ -147,17 +154,17 @@ class RegistrationClient:
             return ConnectionError(message)
         return ServingError(message)
 
-    def close(self):
+    def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> RegistrationClient:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-def as_batch(image, name):
+def as_batch(image: ArrayLike, name: str) -> tuple[Array, str]:
     """``(B, D, H, W, 1)`` float32 and ``"single"`` or ``"batch"``: how the caller passed it."""
     image = np.asarray(image, np.float32)
     if image.ndim == 3:

@@ -36,18 +36,24 @@ Pair folders (what ``tfmlreg train`` and ``tfmlreg evaluate`` read)::
 Every read error is a :class:`DataError` whose one-line message names the file.
 """
 
+from __future__ import annotations
+
 import contextlib
 import itertools
 import locale
 import os
 from collections import namedtuple
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 from tfmlreg import geometry
 from tfmlreg.ct import AIR_HU  # what the moving image holds outside its field of view
+from tfmlreg.types import Array, PathLike, Shape, Spacing
 
 FRAME_TOLERANCE_MM = 1e-3  # grids whose voxel positions agree this well share a frame
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # nibabel's world (RAS+) to ITK's (LPS), and back
@@ -79,12 +85,12 @@ class DataError(ValueError):
 # --- checks -----------------------------------------------------------------------------------
 
 
-def _exists(path):
+def _exists(path: PathLike) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
 
 
-def check_volume(array, name):
+def check_volume(array: ArrayLike, name: PathLike) -> Array:
     """A finite 3-D float32 array (a trailing channel of 1 is dropped), else DataError."""
     array = np.asarray(array)
     if array.ndim == 4 and array.shape[-1] == 1:
@@ -99,7 +105,7 @@ def check_volume(array, name):
     return array
 
 
-def check_spacing(spacing, name):
+def check_spacing(spacing: Spacing, name: PathLike) -> Array:
     """3 voxel sizes (mm) from a scalar or 3 values, float32: :func:`tfmlreg.geometry.check_spacing`'s
     rule (finite, > 0) and plausible for a medical image (``SPACING_RANGE_MM``: a wrong header,
     e.g. metres or 1e38, is refused, not used); a :class:`DataError` naming ``name``."""
@@ -117,22 +123,22 @@ Volume.__doc__ = """An image read into canonical order: ``array``, ``spacing`` (
 (canonical), with ``stored_affine``, the affine of the file's own voxel order (for landmarks)."""
 
 
-def spacing_of(affine, name):
+def spacing_of(affine: ArrayLike, name: PathLike) -> Array:
     """Voxel size (3,) mm per array axis: the lengths of the affine's columns."""
     return check_spacing(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0), name)
 
 
-def default_affine(spacing):
+def default_affine(spacing: Spacing) -> Array:
     """``diag(spacing)``: voxel ``i`` centred at world ``i * h``, the grid corner at ``-h / 2``."""
     return np.diag(list(check_spacing(spacing, "spacing").astype(np.float64)) + [1.0])
 
 
-def corner(affine):
+def corner(affine: ArrayLike) -> Array:
     """World position (3,) of a grid's corner, the origin of its internal mm frame."""
     return (np.asarray(affine, np.float64) @ [-0.5, -0.5, -0.5, 1.0])[:3]
 
 
-def grid_affine(affine, spacing):
+def grid_affine(affine: ArrayLike, spacing: Spacing) -> Array:
     """The affine of a grid with ``spacing`` that shares ``affine``'s corner and axis directions
     (where a pair's moving image lies when it keeps its own spacing)."""
     affine = np.asarray(affine, np.float64)
@@ -143,7 +149,7 @@ def grid_affine(affine, spacing):
     return out
 
 
-def to_canonical(array, affine):
+def to_canonical(array: ArrayLike, affine: ArrayLike) -> tuple[Array, Array]:
     """``(array, affine)`` reordered into RAS+ closest-canonical order by flips and axis
     permutations only (no interpolation; an oblique affine keeps its obliquity). Axes after the
     first three (vector components) are left alone."""
@@ -153,7 +159,7 @@ def to_canonical(array, affine):
     return reordered, affine @ nib.orientations.inv_ornt_aff(orientation, np.shape(array)[:3])
 
 
-def _check_affine(affine, name):
+def _check_affine(affine: ArrayLike, name: str) -> Array:
     affine = np.asarray(affine, np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise DataError(f"{name}: expected a finite 4x4 affine, got shape {affine.shape}")
@@ -162,13 +168,14 @@ def _check_affine(affine, name):
     return affine
 
 
-def _box(shape):
+def _box(shape: Shape) -> Array:
     """The 8 corners of a grid's index box ``[-0.5, n - 0.5]``, homogeneous ``(8, 4)``."""
     corners = itertools.product(*[(-0.5, n - 0.5) for n in shape])
     return np.array([list(c) + [1.0] for c in corners])
 
 
-def same_frame(moving_affine, moving_shape, fixed_affine, tolerance_mm=FRAME_TOLERANCE_MM):
+def same_frame(moving_affine: ArrayLike, moving_shape: Shape, fixed_affine: ArrayLike,
+               tolerance_mm: float = FRAME_TOLERANCE_MM) -> bool:
     """True when the moving grid has the fixed grid's corner and axis directions, i.e. its voxel
     ``i`` lies at ``(i + 0.5) * h_moving`` in the fixed frame (every voxel within ``tolerance_mm``)."""
     moving_affine = np.asarray(moving_affine, np.float64)
@@ -176,7 +183,8 @@ def same_frame(moving_affine, moving_shape, fixed_affine, tolerance_mm=FRAME_TOL
     return np.abs(_box(moving_shape) @ (moving_affine - expected).T).max() <= tolerance_mm
 
 
-def align_to_fixed(moving, moving_affine, fixed_shape, fixed_affine, labels=False):
+def align_to_fixed(moving: Array, moving_affine: ArrayLike, fixed_shape: Shape,
+                   fixed_affine: ArrayLike, labels: bool = False) -> tuple[Array, Array]:
     """``(moving array, spacing_moving)`` in the fixed image's frame (DESIGN.md section 2).
 
     Both affines are canonical ones (as :func:`read_image` returns). When the moving grid shares
@@ -193,7 +201,8 @@ def align_to_fixed(moving, moving_affine, fixed_shape, fixed_affine, labels=Fals
     return resampled, spacing_of(fixed_affine, "fixed affine")
 
 
-def resample_to_grid(volume, affine, shape, target_affine, labels=False, chunk=16):
+def resample_to_grid(volume: ArrayLike, affine: ArrayLike, shape: Shape, target_affine: ArrayLike,
+                     labels: bool = False, chunk: int = 16) -> Array:
     """``volume`` (on ``affine``) sampled at the voxel centres of the grid ``(shape, target_affine)``.
 
     Trilinear (clamped to the border value within half a voxel of the edge, as
@@ -218,7 +227,7 @@ def resample_to_grid(volume, affine, shape, target_affine, labels=False, chunk=1
     return out
 
 
-def world_to_frame(points, affine):
+def world_to_frame(points: ArrayLike, affine: ArrayLike) -> Array:
     """World points ``(N, 3)`` as mm in the internal frame of the grid with ``affine``."""
     points = np.asarray(points, np.float64)
     index = np.linalg.solve(np.asarray(affine, np.float64), np.c_[points, np.ones(len(points))].T)
@@ -228,11 +237,11 @@ def world_to_frame(points, affine):
 # --- reading images -----------------------------------------------------------------------------
 
 
-def _has_no_voxel_size(path):
+def _has_no_voxel_size(path: PathLike) -> bool:
     """True for a NIfTI header with a zero pixdim and neither qform nor sform: nibabel would read
     it as 1 mm (logging a line), a size the file never stated."""
     try:
-        with nib.openers.ImageOpener(path) as handle:
+        with nib.openers.ImageOpener(os.fspath(path)) as handle:
             raw = handle.read(540)
     except Exception:  # unreadable: nibabel's own error names it below
         return False
@@ -247,20 +256,20 @@ def _has_no_voxel_size(path):
     return False
 
 
-def _load_nifti(path):
+def _load_nifti(path: PathLike) -> tuple[Array, Array, Any]:
     """``(data, affine, header)`` of a file nibabel reads, as stored."""
     _exists(path)
     if _has_no_voxel_size(path):
         raise DataError(f"{path}: the header states no voxel size (pixdim 0, no qform or sform)")
     try:
-        image = nib.load(path)
+        image: Any = nib.load(path)  # a spatial image (typed as nibabel's FileBasedImage)
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})".splitlines()[0]) from None
     return data, image.affine, image.header
 
 
-def affine_from_itk(direction, spacing, origin):
+def affine_from_itk(direction: ArrayLike, spacing: ArrayLike, origin: ArrayLike) -> Array:
     """The RAS+ affine of an ITK image (direction, spacing and origin in ITK's LPS world)."""
     lps = np.eye(4)
     lps[:3, :3] = np.reshape(np.asarray(direction, np.float64), (3, 3)) * np.asarray(spacing, np.float64)
@@ -268,7 +277,7 @@ def affine_from_itk(direction, spacing, origin):
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def _simpleitk(path):
+def _simpleitk(path: PathLike) -> Any:
     try:
         import SimpleITK
     except ImportError:
@@ -278,7 +287,7 @@ def _simpleitk(path):
 
 
 @contextlib.contextmanager
-def locale_kept():
+def locale_kept() -> Iterator[None]:
     """Restore the C locale after ITK/GDCM calls: GDCM can leave the process in the "C" locale,
     after which Python's ``open()`` writes ASCII and fails on the first non-ASCII character."""
     saved = locale.setlocale(locale.LC_ALL)
@@ -288,7 +297,7 @@ def locale_kept():
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _dicom_series(sitk, folder):
+def _dicom_series(sitk: Any, folder: str) -> Any:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(folder)
     if len(series) != 1:
@@ -297,7 +306,7 @@ def _dicom_series(sitk, folder):
     return reader.Execute()
 
 
-def _load_simpleitk(path):
+def _load_simpleitk(path: str) -> tuple[Array, Array]:
     """``(data (x, y, z), RAS affine)`` of a DICOM folder, NRRD or MetaImage file, as stored."""
     sitk = _simpleitk(path)
     try:
@@ -313,14 +322,14 @@ def _load_simpleitk(path):
     return data, affine_from_itk(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
 
 
-def _is_dirlab(path, dirlab_case):
+def _is_dirlab(path: PathLike, dirlab_case: int | None) -> bool:
     """A ``.img`` is DIR-LAB when a case is given or no Analyze ``.hdr`` sits beside it."""
     if not str(path).lower().endswith(".img"):
         return False
     return dirlab_case is not None or not os.path.isfile(str(path)[:-4] + ".hdr")
 
 
-def _load_stored(path, dirlab_case=None):
+def _load_stored(path: PathLike, dirlab_case: int | None = None) -> tuple[Array, Array]:
     """``(data, affine)`` of any supported image, in the file's own voxel order."""
     path = str(path)
     if os.path.isdir(path) or path.lower().endswith(SIMPLEITK_SUFFIXES):
@@ -335,7 +344,7 @@ def _load_stored(path, dirlab_case=None):
     return data, affine
 
 
-def read_volume(path, dirlab_case=None, labels=False):
+def read_volume(path: PathLike, dirlab_case: int | None = None, labels: bool = False) -> Volume:
     """A :class:`Volume` of any supported image (``labels``: a label map), canonical order."""
     data, stored_affine = _load_stored(path, dirlab_case)
     spacing_of(stored_affine, path)  # a zero or absurd voxel size is reported before reordering
@@ -344,14 +353,14 @@ def read_volume(path, dirlab_case=None, labels=False):
     return Volume(array, spacing_of(affine, path), affine, np.asarray(stored_affine, np.float64))
 
 
-def read_image(path, dirlab_case=None):
+def read_image(path: PathLike, dirlab_case: int | None = None) -> tuple[Array, Array, Array]:
     """``(image float32 (X, Y, Z), spacing (3,) mm, affine)`` in RAS+ canonical order, the affine
     the canonical one; any supported format (``dirlab_case`` for a DIR-LAB ``.img``)."""
     volume = read_volume(path, dirlab_case)
     return volume.array, volume.spacing, volume.affine
 
 
-def _check_labels(data, path):
+def _check_labels(data: ArrayLike, path: PathLike) -> Array:
     data = check_volume(data, path)
     labels = np.rint(data)
     if np.any(labels < 0) or np.any(np.abs(labels - data) > 1e-3):
@@ -359,7 +368,7 @@ def _check_labels(data, path):
     return labels.astype(np.int32)
 
 
-def read_labels(path):
+def read_labels(path: PathLike) -> tuple[Array, Array, Array]:
     """``(labels int32 (X, Y, Z), spacing, affine)`` in canonical order; non-negative integers."""
     volume = read_volume(path, labels=True)
     return volume.array, volume.spacing, volume.affine
@@ -368,7 +377,7 @@ def read_labels(path):
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _nifti(data, spacing, affine):
+def _nifti(data: Array, spacing: Spacing, affine: ArrayLike | None) -> nib.Nifti1Image:
     """A NIfTI image on ``affine`` (or ``diag(spacing)``), sform and qform both set, so every
     reader (nibabel, ITK, Slicer, ITK-SNAP) places it the same way."""
     affine = default_affine(spacing) if affine is None else _check_affine(affine, "affine")
@@ -378,13 +387,15 @@ def _nifti(data, spacing, affine):
     return image
 
 
-def write_image(path, image, spacing, affine=None):
+def write_image(path: PathLike, image: ArrayLike, spacing: Spacing,
+                affine: ArrayLike | None = None) -> None:
     """Write an ``(X, Y, Z)`` image as float32 NIfTI on ``affine`` (the fixed image's, so it
     overlays on it; it wins over ``spacing``) or, without one, on ``diag(spacing)``."""
     nib.save(_nifti(np.asarray(image, np.float32), spacing, affine), path)
 
 
-def write_labels(path, labels, spacing, affine=None):
+def write_labels(path: PathLike, labels: ArrayLike, spacing: Spacing,
+                 affine: ArrayLike | None = None) -> None:
     """Write a label map as int16 NIfTI; ``affine`` as :func:`write_image`."""
     nib.save(_nifti(np.asarray(labels, np.int16), spacing, affine), path)
 
@@ -392,24 +403,25 @@ def write_labels(path, labels, spacing, affine=None):
 # --- displacement fields ------------------------------------------------------------------------
 
 
-def _itk_from_axes(affine):
+def _itk_from_axes(affine: ArrayLike) -> Array:
     """The 3x3 matrix taking a vector in mm along the array axes of the grid ``affine`` into
     ITK's LPS world frame (the axis directions, then RAS -> LPS)."""
     affine = np.asarray(affine, np.float64)
     return LPS_FROM_RAS @ (affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def displacement_to_itk(displacement, affine):
+def displacement_to_itk(displacement: ArrayLike, affine: ArrayLike) -> Array:
     """``(..., 3)`` mm along the array axes of the grid ``affine`` -> ITK LPS world vectors."""
     return np.asarray(displacement, np.float64) @ _itk_from_axes(affine).T
 
 
-def displacement_from_itk(vectors, affine):
+def displacement_from_itk(vectors: ArrayLike, affine: ArrayLike) -> Array:
     """The inverse of :func:`displacement_to_itk`."""
     return np.asarray(vectors, np.float64) @ np.linalg.inv(_itk_from_axes(affine)).T
 
 
-def write_displacement(path, displacement, spacing, affine=None):
+def write_displacement(path: PathLike, displacement: ArrayLike, spacing: Spacing,
+                       affine: ArrayLike | None = None) -> None:
     """Write ``u`` ``(X, Y, Z, 3)`` (mm along the array axes) as an ITK displacement field.
 
     The file is a NIfTI vector image ``(X, Y, Z, 1, 3)``, intent "vector", on ``affine`` (else
@@ -427,7 +439,7 @@ def write_displacement(path, displacement, spacing, affine=None):
     nib.save(image, path)
 
 
-def read_displacement(path):
+def read_displacement(path: PathLike) -> tuple[Array, Array]:
     """``(u (X, Y, Z, 3) mm along the canonical array axes, spacing)`` of an ITK displacement
     field: :func:`write_displacement`'s files, ANTs' and SimpleITK's (intent "vector", LPS), and
     intent "displacement vector" files, whose components ITK reads as RAS."""
@@ -447,7 +459,7 @@ def read_displacement(path):
 # --- DIR-LAB ----------------------------------------------------------------------------------
 
 
-def dirlab_geometry(case):
+def dirlab_geometry(case: int) -> tuple[tuple[int, int, int], Array]:
     """``((x, y, z) voxels, spacing (3,) mm)`` of DIR-LAB case 1–10."""
     if case not in DIRLAB_CASES:
         raise DataError(f"dirlab_case: expected 1-10, got {case}")
@@ -455,7 +467,7 @@ def dirlab_geometry(case):
     return size, np.array([in_plane, in_plane, DIRLAB_SLICE_MM], np.float32)
 
 
-def dirlab_affine(case):
+def dirlab_affine(case: int) -> Array:
     """The RAS+ affine given to DIR-LAB case ``case``'s ``.img`` files (they hold no geometry).
 
     Array axes ``(x, y, z)`` are taken to point to the patient's left, posterior and superior
@@ -473,7 +485,7 @@ def dirlab_affine(case):
     return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]).astype(np.float64)
 
 
-def read_dirlab_image(path, case):
+def read_dirlab_image(path: PathLike, case: int) -> tuple[Array, Array]:
     """``(HU float32 (x, y, z), spacing (3,) mm)`` of a DIR-LAB case's ``.img`` file, in the
     file's own voxel order; :func:`read_image` with ``dirlab_case`` gives the canonical (RAS+)
     order on :func:`dirlab_affine`, as for every other format."""
@@ -488,13 +500,13 @@ def read_dirlab_image(path, case):
     return np.transpose(stored, (2, 1, 0)).astype(np.float32) - DIRLAB_OFFSET, spacing
 
 
-def write_dirlab_image(path, hu):
+def write_dirlab_image(path: PathLike, hu: ArrayLike) -> None:
     """Write ``(x, y, z)`` HU in the DIR-LAB layout (int16 LE, x fastest, HU + 1024)."""
     stored = np.rint(np.asarray(hu, np.float64) + DIRLAB_OFFSET).astype("<i2")
     np.transpose(stored, (2, 1, 0)).tofile(path)
 
 
-def read_landmarks(path, spacing):
+def read_landmarks(path: PathLike, spacing: Spacing) -> Array:
     """``(N, 3)`` landmark positions in mm from a DIR-LAB file of 1-based voxel indices."""
     _exists(path)
     try:
@@ -507,14 +519,15 @@ def read_landmarks(path, spacing):
     return geometry.cell_centres(indices - 1.0, spacing).astype(np.float32)  # 1-based indices
 
 
-def write_landmarks(path, points_mm, spacing, decimals=3):
+def write_landmarks(path: PathLike, points_mm: ArrayLike, spacing: Spacing,
+                    decimals: int = 3) -> None:
     """Write mm positions as DIR-LAB 1-based voxel indices (``decimals=0`` gives integers)."""
     indices = geometry.voxel_index(points_mm, check_spacing(spacing, path)) + 1.0  # 1-based
     fmt = "%d" if decimals == 0 else f"%.{decimals}f"
     np.savetxt(path, np.round(indices, decimals), fmt=fmt, delimiter="\t")
 
 
-def landmarks_in_frame(path, stored_affine, frame_affine):
+def landmarks_in_frame(path: PathLike, stored_affine: ArrayLike, frame_affine: ArrayLike) -> Array:
     """``(N, 3)`` mm in the internal frame of the grid ``frame_affine`` (a pair's fixed image)
     of a landmark file whose indices refer to an image file stored on ``stored_affine``: through
     world coordinates, so reorientation and resampling move the landmarks with the image."""
@@ -528,7 +541,7 @@ def landmarks_in_frame(path, stored_affine, frame_affine):
 # --- pair folders -----------------------------------------------------------------------------
 
 
-def list_pairs(root):
+def list_pairs(root: PathLike) -> list[str]:
     """Sorted case folders under ``root`` holding a fixed and a moving image."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder")
@@ -537,8 +550,10 @@ def list_pairs(root):
             if all(os.path.isfile(os.path.join(case, PAIR_FILES[k])) for k in ("fixed", "moving"))]
 
 
-def load_images(fixed, moving, fixed_labels=None, moving_labels=None, fixed_landmarks=None,
-                moving_landmarks=None, displacement=None, dirlab_case=None, name=None):
+def load_images(fixed: PathLike, moving: PathLike, fixed_labels: PathLike | None = None,
+                moving_labels: PathLike | None = None, fixed_landmarks: PathLike | None = None,
+                moving_landmarks: PathLike | None = None, displacement: PathLike | None = None,
+                dirlab_case: int | None = None, name: str | None = None) -> dict[str, Any]:
     """A pair dict from image files of any supported format (see :func:`load_pair` for the keys).
 
     Every image is read in canonical order; the moving image (and its labels) is brought into the
@@ -569,7 +584,7 @@ def load_images(fixed, moving, fixed_labels=None, moving_labels=None, fixed_land
     return pair
 
 
-def _labels_on_grid(path, shape, affine, side):
+def _labels_on_grid(path: PathLike, shape: Shape, affine: ArrayLike, side: str) -> Array:
     """A label map carried onto its image's grid in the fixed frame (untouched when it is there)."""
     volume = read_volume(path, labels=True)
     labels, _ = align_to_fixed(volume.array, volume.affine, shape, affine, labels=True)
@@ -579,27 +594,28 @@ def _labels_on_grid(path, shape, affine, side):
     return labels
 
 
-def load_pair(case_dir):
+def load_pair(case_dir: PathLike) -> dict[str, Any]:
     """A pair dict: ``name, fixed, moving, spacing_fixed, spacing_moving, affine_fixed`` and,
     when present, ``fixed_labels, moving_labels, fixed_landmarks, moving_landmarks`` (mm in the
     fixed frame), ``displacement``; the moving image in the fixed image's frame."""
-    def path(key):
+    def path(key: str) -> str | None:
         name = os.path.join(case_dir, PAIR_FILES[key])
         return name if os.path.isfile(name) else None
 
+    optional: dict[str, Any] = {key: path(key) for key in PAIR_FILES
+                                if key not in ("fixed", "moving")}
     return load_images(os.path.join(case_dir, PAIR_FILES["fixed"]),
-                       os.path.join(case_dir, PAIR_FILES["moving"]),
-                       **{key: path(key) for key in PAIR_FILES if key not in ("fixed", "moving")},
+                       os.path.join(case_dir, PAIR_FILES["moving"]), **optional,
                        name=os.path.basename(os.path.normpath(case_dir)))
 
 
-def write_pair(case_dir, pair):
+def write_pair(case_dir: PathLike, pair: Mapping[str, Any]) -> None:
     """Write a pair dict (keys as :func:`load_pair` returns) in the pair layout, on the fixed
     image's affine (``affine_fixed``, else ``diag(spacing_fixed)``); the moving image's grid
     shares its corner and directions, so :func:`load_pair` reads the pair back unchanged."""
     os.makedirs(case_dir, exist_ok=True)
 
-    def path(key):
+    def path(key: str) -> str:
         return os.path.join(case_dir, PAIR_FILES[key])
 
     frame = pair.get("affine_fixed")

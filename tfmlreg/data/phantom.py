@@ -21,51 +21,60 @@ solving ``p_F + u(p_F) = p_M`` (Newton), 300 per pair by default; written as DIR
 exact fractional indices.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from tfmlreg import geometry, metrics
 from tfmlreg.ct import AIR_HU, LOBE_LABELS, PARENCHYMA_HU, SOFT_TISSUE_HU
 from tfmlreg.data import io
+from tfmlreg.types import Array, PathLike, Shape, Spacing
 
 HU = {"air": AIR_HU, "lung": PARENCHYMA_HU, "tissue": SOFT_TISSUE_HU, "bone": 700.0, "spine": 400.0,
       "fissure": -700.0, "airway_wall": -100.0}
 DEFAULT_FOV_MM = 320.0
 BODY_AXES = (0.85, 0.62)  # semi-axes of the body ellipse in x, y (fraction of half the FOV)
-LUNG = {"centre_x": 0.36, "centre_y": -0.02, "centre_z": 0.02, "axes": (0.27, 0.44, 0.72)}
+LUNG: dict[str, Any] = {"centre_x": 0.36, "centre_y": -0.02, "centre_z": 0.02,
+                        "axes": (0.27, 0.44, 0.72)}
 TREE_GENERATIONS = 8
 AIRWAY_GENERATIONS = 4
+# a tree segment: start, end (mm), radius (mm), generation
+Segment = tuple[Array, Array, float, int]
 
 
-def default_spacing(shape):
+def default_spacing(shape: Shape) -> tuple[float, ...]:
     return tuple(DEFAULT_FOV_MM / n for n in shape)
 
 
 class Frame:
     """Maps mm to the phantom's normalised coordinates ``q`` (centre 0, half FOV 1)."""
 
-    def __init__(self, shape, spacing):
+    def __init__(self, shape: Shape, spacing: Spacing) -> None:
         self.spacing = np.asarray(spacing, np.float64)
         self.half = np.asarray(shape) * self.spacing / 2.0
 
-    def normalised(self, points_mm):
+    def normalised(self, points_mm: ArrayLike) -> Array:
         return (np.asarray(points_mm, np.float64) - self.half) / self.half
 
-    def mm(self, q):
+    def mm(self, q: ArrayLike) -> Array:
         return np.asarray(q, np.float64) * self.half + self.half
 
-    def grid(self, shape):
+    def grid(self, shape: Shape) -> Array:
         return geometry.grid_points_numpy(shape, self.spacing)
 
 
-def _smoothstep(t):
+def _smoothstep(t: ArrayLike) -> Array:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
 
-def _case_parameters(rng, amplitude_mm):
+def _case_parameters(rng: np.random.Generator, amplitude_mm: float) -> dict[str, Any]:
     """Per-case anatomy and breathing: lung size, motion amplitudes."""
     return {
         "lung_scale": rng.uniform(0.94, 1.06, size=3),
@@ -78,7 +87,7 @@ def _case_parameters(rng, amplitude_mm):
 # --- motion -------------------------------------------------------------------------------------
 
 
-def motion(points_mm, frame, params):
+def motion(points_mm: ArrayLike, frame: Frame, params: Mapping[str, Any]) -> Array:
     """The breathing displacement ``u`` (mm) at ``points_mm`` (..., 3) in exhale space."""
     q = frame.normalised(points_mm)
     axes = np.asarray(LUNG["axes"]) * params["lung_scale"]
@@ -93,7 +102,8 @@ def motion(points_mm, frame, params):
     return u
 
 
-def invert_motion(moving_points_mm, frame, params, iterations=20):
+def invert_motion(moving_points_mm: ArrayLike, frame: Frame, params: Mapping[str, Any],
+                  iterations: int = 20) -> Array:
     """Exhale points ``p_F`` with ``p_F + u(p_F) = p_M`` (Newton with a numerical Jacobian)."""
     target = np.asarray(moving_points_mm, np.float64)
     points = target - motion(target, frame, params)
@@ -110,14 +120,14 @@ def invert_motion(moving_points_mm, frame, params, iterations=20):
 # --- anatomy (inhale space) ---------------------------------------------------------------------
 
 
-def _lung_coordinates(q, side, params):
+def _lung_coordinates(q: Array, side: int, params: Mapping[str, Any]) -> Array:
     """Each lung's coordinates scaled to its ellipsoid (radius 1 on the surface)."""
     axes = np.asarray(LUNG["axes"]) * params["lung_scale"]
     centre = np.array([side * LUNG["centre_x"], LUNG["centre_y"], LUNG["centre_z"]])
     return (q - centre) / axes
 
 
-def _lobes(q, params):
+def _lobes(q: Array, params: Mapping[str, Any]) -> tuple[Array, Array]:
     """Label map of the five lobes from two ellipsoids and fissure planes."""
     labels = np.zeros(q.shape[:-1], np.int16)
     fissure = np.zeros(q.shape[:-1], bool)
@@ -137,7 +147,7 @@ def _lobes(q, params):
     return labels, fissure
 
 
-def _static_structures(q, image):
+def _static_structures(q: Array, image: Array) -> None:
     """Ribs in the body wall and the spine, posterior in the middle."""
     radius = np.hypot(q[..., 0] / BODY_AXES[0], q[..., 1] / BODY_AXES[1])
     for rib_z in np.linspace(-0.7, 0.85, 10):
@@ -147,7 +157,7 @@ def _static_structures(q, image):
     image[spine] = HU["spine"]
 
 
-def _branch_directions(direction, rng, angle):
+def _branch_directions(direction: Array, rng: np.random.Generator, angle: float) -> list[Array]:
     """Two child directions: the parent's turned by ±``angle`` about a random perpendicular."""
     helper = rng.normal(size=3)
     axis = np.cross(direction, helper)
@@ -156,7 +166,9 @@ def _branch_directions(direction, rng, angle):
     return [np.cos(angle) * direction + sign * np.sin(angle) * other for sign in (1, -1)]
 
 
-def _grow_tree(root, direction, length, radius, generations, inside, centre, rng):
+def _grow_tree(root: ArrayLike, direction: ArrayLike, length: float, radius: float,
+               generations: int, inside: Callable[[Array], bool], centre: Array,
+               rng: np.random.Generator) -> list[Segment]:
     """Segments ``(start, end, radius, generation)`` (mm) of a branching tree kept in the lung.
 
     A branch that would leave the lung turns towards the lung's centre and shortens (up to three
@@ -186,7 +198,8 @@ def _grow_tree(root, direction, length, radius, generations, inside, centre, rng
     return segments
 
 
-def _draw_tubes(shape, frame, segments, radius_scale=1.0):
+def _draw_tubes(shape: Shape, frame: Frame, segments: Sequence[Segment],
+                radius_scale: float = 1.0) -> Array:
     """Partial-volume occupancy in [0, 1] of tubes around ``segments`` (radius × ``radius_scale``)."""
     occupancy = np.zeros(shape, np.float32)
     voxel = float(frame.spacing.min())
@@ -209,9 +222,10 @@ def _draw_tubes(shape, frame, segments, radius_scale=1.0):
     return occupancy
 
 
-def _trees(frame, labels, params, rng):
+def _trees(frame: Frame, labels: Array, params: Mapping[str, Any],
+           rng: np.random.Generator) -> tuple[list[Segment], list[Segment]]:
     """Vessel segments (two trees per lung) and airway segments (one per lung)."""
-    def inside_lung(point_mm):
+    def inside_lung(point_mm: Array) -> bool:
         index = np.floor(point_mm / frame.spacing).astype(int)
         if np.any(index < 0) or np.any(index >= labels.shape):
             return False
@@ -231,7 +245,8 @@ def _trees(frame, labels, params, rng):
     return vessels, airways
 
 
-def _inhale_image(shape, frame, params, rng):
+def _inhale_image(shape: Shape, frame: Frame, params: Mapping[str, Any],
+                  rng: np.random.Generator) -> tuple[Array, Array, list[Segment]]:
     """Noise-free inhale HU, lobe labels and the vessel segments."""
     q = frame.normalised(frame.grid(shape))
     image = np.full(shape, HU["air"], np.float32)
@@ -253,7 +268,8 @@ def _inhale_image(shape, frame, params, rng):
     return gaussian_filter(image, 0.5).astype(np.float32), labels, vessels
 
 
-def _landmarks(vessels, labels, frame, count, rng):
+def _landmarks(vessels: Sequence[Segment], labels: Array, frame: Frame, count: int,
+               rng: np.random.Generator) -> Array:
     """``count`` branch points (mm) of the vessel trees, at least two voxels inside the lungs."""
     candidates = np.array([end for _, end, _, generation in vessels if generation >= 1])
     index = np.floor(candidates / frame.spacing).astype(int)
@@ -270,8 +286,9 @@ def _landmarks(vessels, labels, frame, count, rng):
 # --- the pair -----------------------------------------------------------------------------------
 
 
-def make_pair(shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm=25.0, n_landmarks=300,
-              noise_hu=(15.0, 25.0)):
+def make_pair(shape: Shape = (96, 96, 96), spacing: Spacing | None = None, seed: int = 0,
+              amplitude_mm: float = 25.0, n_landmarks: int = 300,
+              noise_hu: tuple[float, float] = (15.0, 25.0)) -> dict[str, Any]:
     """One phantom pair; same arguments, same bytes.
 
     Returns ``fixed`` (exhale), ``moving`` (inhale) HU float32 ``shape``; ``spacing`` (3,) mm
@@ -305,7 +322,8 @@ def make_pair(shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm=25.0, n_lan
     }
 
 
-def _compress_parenchyma(exhale, labels, displacement, spacing):
+def _compress_parenchyma(exhale: Array, labels: Array, displacement: Array,
+                         spacing: Spacing) -> Array:
     """Mass conservation in the lungs: denser where the volume shrank (parenchyma only)."""
     ratio = metrics.jacobian_determinant(displacement, spacing)
     parenchyma = (labels > 0) & (exhale < -500.0)
@@ -314,7 +332,7 @@ def _compress_parenchyma(exhale, labels, displacement, spacing):
     return out
 
 
-def as_case(pair, name):
+def as_case(pair: Mapping[str, Any], name: str) -> dict[str, Any]:
     """A phantom pair in the key layout of :func:`tfmlreg.data.io.load_pair`."""
     case = {key: pair[key] for key in ("fixed", "moving", "fixed_labels", "moving_labels",
                                        "fixed_landmarks", "moving_landmarks", "displacement")}
@@ -322,7 +340,9 @@ def as_case(pair, name):
     return case
 
 
-def write_dataset(out_dir, cases=1, shape=(96, 96, 96), spacing=None, seed=0, amplitude_mm=25.0):
+def write_dataset(out_dir: PathLike, cases: int = 1, shape: Shape = (96, 96, 96),
+                  spacing: Spacing | None = None, seed: int = 0,
+                  amplitude_mm: float = 25.0) -> list[str]:
     """Write ``cases`` pairs (seeds ``seed, seed+1, ...``) as ``out_dir/case<seed>/`` pair folders."""
     os.makedirs(out_dir, exist_ok=True)
     names = []

@@ -24,33 +24,46 @@ draws, per element and per epoch (:func:`make_dataset`'s keyword options):
 Every random draw comes from the dataset's ``seed``: same seed, same elements, epoch by epoch.
 """
 
+from __future__ import annotations
+
 import itertools
 import queue
 import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import tensorflow as tf
+from numpy.typing import ArrayLike
 from scipy.ndimage import gaussian_filter
 
 from tfmlreg import geometry
 from tfmlreg.ct import AIR_HU, NUM_LABELS
 from tfmlreg.data import io
+from tfmlreg.types import Array, PathLike, Shape, Spacing, Tensor
+
+if TYPE_CHECKING:  # synthetic imports this module
+    from tfmlreg.data.synthetic import Anatomy, RandomMotion
+
+# a folder of pair folders, or pair dicts (fixed, moving, ...) and scan dicts (image, spacing)
+Source = Union[PathLike, list[dict[str, Any]], tuple[dict[str, Any], ...]]
 
 
 
-def network_spacing(image_shape, spacing, shape):
+def network_spacing(image_shape: Shape, spacing: Spacing, shape: Shape) -> Array:
     """Spacing (mm) of ``shape`` cells over the extent of an image of ``image_shape``."""
     return (np.asarray(image_shape, np.float64) * np.asarray(spacing, np.float64)
             / np.asarray(shape, np.float64)).astype(np.float32)
 
 
-def _antialias(image, image_spacing, grid_spacing):
+def _antialias(image: Array, image_spacing: Spacing, grid_spacing: Spacing) -> Array:
     factor = np.asarray(grid_spacing, np.float64) / np.asarray(image_spacing, np.float64)
     sigma = np.where(factor > 1.5, (factor - 1.0) / 2.0, 0.0)
     return gaussian_filter(image, sigma) if np.any(sigma > 0) else image
 
 
-def _sample_on_grid(volume, volume_spacing, shape, grid_spacing, fill_value=None):
+def _sample_on_grid(volume: ArrayLike, volume_spacing: Spacing, shape: Shape, grid_spacing: Spacing,
+                    fill_value: float | None = None) -> Array:
     """``volume (D, H, W[, C])`` at the cell centres of ``shape`` cells of ``grid_spacing``."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
@@ -59,7 +72,8 @@ def _sample_on_grid(volume, volume_spacing, shape, grid_spacing, fill_value=None
     return values[..., 0] if volume.ndim == 3 else values
 
 
-def resample_image(image, spacing, shape, fill_value=AIR_HU):
+def resample_image(image: ArrayLike, spacing: Spacing, shape: Shape,
+                   fill_value: float | None = AIR_HU) -> tuple[Array, Array]:
     """``(image on shape cells over its own extent, their spacing)``, anti-aliased, trilinear."""
     shape = tuple(int(n) for n in shape)
     grid_spacing = network_spacing(np.shape(image), spacing, shape)
@@ -67,13 +81,14 @@ def resample_image(image, spacing, shape, fill_value=AIR_HU):
     return _sample_on_grid(smoothed, spacing, shape, grid_spacing, fill_value), grid_spacing
 
 
-def one_hot(labels, num_labels=NUM_LABELS):
+def one_hot(labels: ArrayLike, num_labels: int = NUM_LABELS) -> Array:
     """``(D, H, W, K)`` float32 masks of labels ``1..K`` (background excluded)."""
     labels = np.asarray(labels)
     return np.stack([labels == k for k in range(1, num_labels + 1)], axis=-1).astype(np.float32)
 
 
-def to_network_grid(pair, shape, num_labels=NUM_LABELS):
+def to_network_grid(pair: Mapping[str, Any], shape: Shape,
+                    num_labels: int = NUM_LABELS) -> dict[str, Any]:
     """``{"fixed", "moving": shape, "spacing": (3,)[, "fixed_mask", "moving_mask": shape + (K,)]}``."""
     shape = tuple(int(n) for n in shape)
     fixed_shape = np.shape(pair["fixed"])
@@ -89,12 +104,13 @@ def to_network_grid(pair, shape, num_labels=NUM_LABELS):
     return out
 
 
-def displacement_to_full_resolution(displacement, spacing, fixed_shape):
+def displacement_to_full_resolution(displacement: ArrayLike, spacing: Spacing,
+                                    fixed_shape: Shape) -> Array:
     """A network-grid displacement (mm) evaluated on the fixed image's original grid."""
     return _on_grid(displacement, spacing, fixed_shape)
 
 
-def _items(source):
+def _items(source: Source) -> list[dict[str, Any]]:
     """The pairs and scans of ``source``: a folder of pairs, or a list of pair dicts (with
     ``fixed``) and scan dicts (with ``image`` and ``spacing``, for synthetic breathing)."""
     if not isinstance(source, (list, tuple)):
@@ -109,14 +125,15 @@ def _items(source):
     return list(source)
 
 
-def _pairs(source):
+def _pairs(source: Source) -> list[dict[str, Any]]:
     pairs = _items(source)
     if any("fixed" not in item for item in pairs):
         raise io.DataError("source: scans (image, spacing) need make_dataset's synthetic mode")
     return pairs
 
 
-def _grid_element(pair, shape, num_labels, displacement):
+def _grid_element(pair: Mapping[str, Any], shape: Shape, num_labels: int,
+                  displacement: bool) -> dict[str, Any]:
     """One pair on the network grid; with ``displacement``, its ground truth too (mm values kept)."""
     element = to_network_grid(pair, shape, num_labels)
     for key in ("fixed", "moving"):
@@ -129,13 +146,14 @@ def _grid_element(pair, shape, num_labels, displacement):
     return element
 
 
-def _on_grid(field, spacing, shape):
+def _on_grid(field: ArrayLike, spacing: Spacing, shape: Shape) -> Array:
     """A displacement (mm) on another grid of the same domain."""
     return np.asarray(geometry.resample_displacement(
         np.asarray(field, np.float32)[None], np.asarray(spacing, np.float32), tuple(shape)))[0]
 
 
-def grid_arrays(source, shape, masks=True, num_labels=NUM_LABELS, displacement=False):
+def grid_arrays(source: Source, shape: Shape, masks: bool = True, num_labels: int = NUM_LABELS,
+                displacement: bool = False) -> dict[str, Array]:
     """All pairs of ``source`` (a folder or a list of pair dicts) on the network grid, stacked;
     with ``displacement``, their ground-truth fields too."""
     elements = [_grid_element(pair, shape, num_labels, displacement) for pair in _pairs(source)]
@@ -143,7 +161,8 @@ def grid_arrays(source, shape, masks=True, num_labels=NUM_LABELS, displacement=F
     return {key: np.stack([e[key] for e in elements]) for key in keys}
 
 
-def _element_keys(elements, masks, displacement):
+def _element_keys(elements: Sequence[Mapping[str, Any]], masks: bool,
+                  displacement: bool) -> list[str]:
     keys = ["fixed", "moving", "spacing"]
     if masks and all("fixed_mask" in e and "moving_mask" in e for e in elements):
         keys += ["fixed_mask", "moving_mask"]
@@ -152,7 +171,7 @@ def _element_keys(elements, masks, displacement):
     return keys
 
 
-def _augment(element, seed):
+def _augment(element: Mapping[str, Tensor], seed: Tensor) -> dict[str, Tensor]:
     """Intensity augmentation only: geometry stays as the physics made it.
 
     Each image gets its own HU offset (±30) and a tissue-density scale (0.95–1.05 about air),
@@ -170,11 +189,11 @@ def _augment(element, seed):
 # --- geometric augmentation (NumPy, one unbatched network-grid element) -----------------------
 
 
-def _extent(element):
+def _extent(element: Mapping[str, Any]) -> Array:
     return np.asarray(element["fixed"].shape[:3]) * np.asarray(element["spacing"], np.float64)
 
 
-def flip(element, axis):
+def flip(element: Mapping[str, Any], axis: int) -> dict[str, Any]:
     """The element mirrored along array ``axis``: images, masks and field reversed there, the
     field's ``axis`` component negated, landmarks ``p → extent - p`` along it."""
     out = dict(element)
@@ -191,7 +210,7 @@ def flip(element, axis):
     return out
 
 
-def permute(element, order):
+def permute(element: Mapping[str, Any], order: Sequence[int]) -> dict[str, Any]:
     """The element with its array axes reordered (new axis ``j`` = old axis ``order[j]``):
     spacing, field components and landmark coordinates reordered with them."""
     order = [int(k) for k in order]
@@ -208,7 +227,7 @@ def permute(element, order):
     return out
 
 
-def swap(element):
+def swap(element: Mapping[str, Any]) -> dict[str, Any]:
     """Fixed and moving exchanged: the motion reversed. The field becomes the inverse of
     ``y = x + u`` (numerically, :func:`tfmlreg.data.synthetic.invert_displacement`)."""
     from tfmlreg.data import synthetic  # synthetic imports this module
@@ -224,7 +243,7 @@ def swap(element):
     return out
 
 
-def shift_moving(element, shift_mm):
+def shift_moving(element: Mapping[str, Any], shift_mm: Spacing) -> dict[str, Any]:
     """The moving image moved by ``-shift_mm`` (``moving'(x) = moving(x + shift)``): the field
     becomes ``u - shift``, moving landmarks ``p - shift``; beyond the border the border continues."""
     shift = np.asarray(shift_mm, np.float32)
@@ -240,7 +259,7 @@ def shift_moving(element, shift_mm):
     return out
 
 
-def crop(element, start, size):
+def crop(element: Mapping[str, Any], start: Shape, size: Shape) -> dict[str, Any]:
     """The box of ``size`` voxels from voxel ``start`` (per axis), resampled back to the element's
     shape: the new grid covers the box, so its spacing is ``size * h / shape``; mm values are
     kept (the field's, the landmarks' relative to the box corner)."""
@@ -273,8 +292,9 @@ def _sample(volume, points, spacing):
                                       np.asarray(spacing, np.float32)))[0]
 
 
-def augment_geometry(element, rng, flips=False, permutations=False, swaps=False, shift_mm=0.0,
-                     crop_fraction=None):
+def augment_geometry(element: dict[str, Any], rng: np.random.Generator, flips: bool = False,
+                     permutations: bool = False, swaps: bool = False, shift_mm: float = 0.0,
+                     crop_fraction: float | None = None) -> dict[str, Any]:
     """One random geometric augmentation of a network-grid element (unbatched, channels last).
 
     In order: a swap of fixed and moving (probability 1/2), a crop keeping a random box of at
@@ -304,9 +324,11 @@ def augment_geometry(element, rng, flips=False, permutations=False, swaps=False,
 # --- the dataset ------------------------------------------------------------------------------
 
 
-def make_dataset(source, shape, batch_size=1, masks=True, shuffle=True, augment=False, seed=0,
-                 repeat=False, num_labels=NUM_LABELS, *, flips=False, permutations=False,
-                 swaps=False, shift_mm=0.0, crop_fraction=None, displacement=False, motion=None):
+def make_dataset(source: Source, shape: Shape, batch_size: int = 1, masks: bool = True,
+                 shuffle: bool = True, augment: bool = False, seed: int = 0, repeat: bool = False,
+                 num_labels: int = NUM_LABELS, *, flips: bool = False, permutations: bool = False,
+                 swaps: bool = False, shift_mm: float = 0.0, crop_fraction: float | None = None,
+                 displacement: bool = False, motion: RandomMotion | None = None) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of batched model inputs from a folder of pairs or a list of pairs
     and scans.
 
@@ -334,7 +356,8 @@ def make_dataset(source, shape, batch_size=1, masks=True, shuffle=True, augment=
     return elements.dataset(masks, displacement, batch_size, shuffle, augment, seed, repeat)
 
 
-def _batched(data, count, batch_size, shuffle, augment, seed, repeat):
+def _batched(data: tf.data.Dataset, count: int, batch_size: int, shuffle: bool, augment: bool,
+             seed: int, repeat: bool) -> tf.data.Dataset:
     """The cached path (as in earlier versions): shuffle, repeat, intensity augmentation seeded by
     a per-element counter, batch, prefetch."""
     if shuffle:
@@ -352,7 +375,9 @@ class _ElementSource:
     """Elements made in Python per draw: cached pairs and scans (synthetic breathing), then the
     geometric augmentation; each draw's NumPy generator is seeded from the dataset's seed."""
 
-    def __init__(self, items, shape, num_labels, displacement, motion, geometric):
+    def __init__(self, items: Sequence[Mapping[str, Any]], shape: Shape, num_labels: int,
+                 displacement: bool, motion: RandomMotion | None,
+                 geometric: Mapping[str, Any]) -> None:
         from tfmlreg.data import synthetic  # synthetic imports this module
 
         self.shape = tuple(int(n) for n in shape)
@@ -360,10 +385,11 @@ class _ElementSource:
         self.motion = motion if motion is not None else synthetic.RandomMotion()
         pairs = [item for item in items if "fixed" in item]
         self.cached = [_grid_element(pair, shape, num_labels, displacement) for pair in pairs]
-        analysed = {}  # a scan listed several times (several draws per epoch) is analysed once
+        # a scan listed several times (several draws per epoch) is analysed once
+        analysed: dict[int, Anatomy] = {}
         self.anatomies = [self._anatomy(item, analysed) for item in items if "fixed" not in item]
 
-    def _anatomy(self, scan, analysed):
+    def _anatomy(self, scan: Mapping[str, Any], analysed: dict[int, Anatomy]) -> Anatomy:
         from tfmlreg.data import synthetic
 
         if id(scan) not in analysed:
@@ -371,10 +397,10 @@ class _ElementSource:
             analysed[id(scan)] = synthetic.analyse(image, spacing, name=scan.get("name", "scan"))
         return analysed[id(scan)]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.cached) + len(self.anatomies)
 
-    def element(self, index, seed):
+    def element(self, index: int, seed: int) -> dict[str, Any]:
         """Item ``index`` drawn with the generator of ``seed``."""
         from tfmlreg.data import synthetic
 
@@ -390,7 +416,7 @@ class _ElementSource:
                        "moving_mask": one_hot(pair["moving_labels"], self.num_labels)}
         return augment_geometry(element, rng, **self.geometric)
 
-    def signature(self, masks, displacement):
+    def signature(self, masks: bool, displacement: bool) -> dict[str, tuple[int, ...]]:
         """``{key: shape}`` of the elements (a scan's pairs have masks and a displacement)."""
         with_masks = [{"fixed_mask": 0, "moving_mask": 0}] * len(self.anatomies)
         keys = _element_keys(self.cached + with_masks, masks, displacement)
@@ -398,7 +424,8 @@ class _ElementSource:
                     "moving_mask": self.num_labels, "displacement": 3}
         return {key: (3,) if key == "spacing" else self.shape + (channels[key],) for key in keys}
 
-    def dataset(self, masks, displacement, batch_size, shuffle, augment, seed, repeat):
+    def dataset(self, masks: bool, displacement: bool, batch_size: int, shuffle: bool,
+                augment: bool, seed: int, repeat: bool) -> tf.data.Dataset:
         """Elements from a Python generator fed by a background thread (:class:`_Producer`).
 
         The elements are made with TensorFlow (the geometry) in a plain Python thread: TensorFlow
@@ -410,11 +437,11 @@ class _ElementSource:
         signature = self.signature(masks, displacement)
         epochs = itertools.count()
 
-        def make(index, element_seed):
+        def make(index: int, element_seed: int) -> tuple[dict[str, Array], int]:
             element = self.element(index, element_seed)
             return {key: np.asarray(element[key], np.float32) for key in signature}, element_seed
 
-        def epoch():
+        def epoch() -> Iterator[Any]:
             rng = np.random.default_rng([seed, next(epochs)])
             order = rng.permutation(count) if shuffle else np.arange(count)
             seeds = rng.integers(0, 2**62, count)
@@ -440,13 +467,13 @@ class _Producer:
     """Runs ``function(*args)`` for each job in a daemon thread, a few ahead of the consumer;
     iterating yields the results in order (an error is raised where its result would be)."""
 
-    def __init__(self, jobs, ahead=2):
-        self._results = queue.Queue(maxsize=ahead)
+    def __init__(self, jobs: Iterable[Sequence[Any]], ahead: int = 2) -> None:
+        self._results: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(jobs,), daemon=True)
         self._thread.start()
 
-    def _run(self, jobs):
+    def _run(self, jobs: Iterable[Sequence[Any]]) -> None:
         for function, *args in jobs:
             try:
                 result = (True, function(*args))
@@ -456,7 +483,7 @@ class _Producer:
                 return
         self._put((True, _DONE))
 
-    def _put(self, result):
+    def _put(self, result: tuple[bool, Any]) -> bool:
         """Queue ``result`` unless the consumer stops first; True when queued."""
         while not self._stopped.is_set():
             try:
@@ -466,7 +493,7 @@ class _Producer:
                 continue
         return False
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         while True:
             ok, result = self._results.get()
             if not ok:
@@ -475,7 +502,7 @@ class _Producer:
                 return
             yield result
 
-    def stop(self):
+    def stop(self) -> None:
         self._stopped.set()
 
 

@@ -32,19 +32,25 @@ the drawn parameters. Real CTs are large: resample them to a working spacing fir
 (:func:`load_scan` does, anti-aliased).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike
 from scipy import ndimage as ndi
 
 from tfmlreg import geometry, layers, metrics
 from tfmlreg.ct import AIR_HU
 from tfmlreg.data import io, pipeline
+from tfmlreg.types import Array, PathLike, Shape, Spacing, Tensor
 
 LUNG_HU = -400.0  # air and lung parenchyma lie below
 # A component of pure gas (outside air, bowel gas, the trachea alone) has its median HU below
@@ -58,7 +64,7 @@ LANDMARK_MARGIN_MM = 5.0  # landmarks map at least this far inside the moving gr
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_ct(path):
+def read_ct(path: PathLike) -> tuple[Array, Array, Array]:
     """``(HU float32 in RAS+ array order, spacing (3,) mm, RAS+ affine)`` of a CT file (any
     format :func:`tfmlreg.data.io.read_image` reads)."""
     image, _, affine = io.read_image(path)
@@ -70,7 +76,7 @@ def read_ct(path):
     return np.ascontiguousarray(image), spacing, affine
 
 
-def resample_ct(image, spacing, target_spacing):
+def resample_ct(image: ArrayLike, spacing: Spacing, target_spacing: Spacing) -> tuple[Array, Array]:
     """The CT at about ``target_spacing`` mm (its physical extent kept exactly), anti-aliased.
 
     Returns ``(image, spacing)``: the shape is ``round(extent / target_spacing)`` per axis and the
@@ -82,7 +88,7 @@ def resample_ct(image, spacing, target_spacing):
     return pipeline.resample_image(image, spacing, tuple(shape))
 
 
-def resampled_affine(affine, spacing, new_spacing):
+def resampled_affine(affine: Array, spacing: Spacing, new_spacing: Spacing) -> Array:
     """The affine of a resampling of the same domain (cell-centred) to ``new_spacing``."""
     ratio = np.asarray(new_spacing, np.float64) / np.asarray(spacing, np.float64)
     out = np.array(affine, np.float64)
@@ -91,7 +97,8 @@ def resampled_affine(affine, spacing, new_spacing):
     return out
 
 
-def load_scan(path, spacing_mm=None, crop_body_mm=None):
+def load_scan(path: PathLike, spacing_mm: Spacing | None = None,
+              crop_body_mm: float | None = None) -> dict[str, Any]:
     """A scan dict ``{"name", "image", "spacing", "affine"}`` (RAS+), resampled to ``spacing_mm``
     and, with ``crop_body_mm``, cropped to the body plus that margin (:func:`crop_to_body`)."""
     image, spacing, affine = read_ct(path)
@@ -105,7 +112,7 @@ def load_scan(path, spacing_mm=None, crop_body_mm=None):
     return {"name": scan_name(path), "image": image, "spacing": spacing, "affine": affine}
 
 
-def crop_to_body(image, spacing, margin_mm=10.0):
+def crop_to_body(image: Array, spacing: Spacing, margin_mm: float = 10.0) -> tuple[Array, Array]:
     """``(the body's bounding box plus a margin, its first voxel index)``: the air around a
     patient (and most of the table) is no registration work."""
     body, _ = body_and_lung_masks(image, spacing)
@@ -117,7 +124,7 @@ def crop_to_body(image, spacing, margin_mm=10.0):
     return np.ascontiguousarray(image[box]), low
 
 
-def scan_name(path):
+def scan_name(path: PathLike) -> str:
     name = os.path.basename(os.path.normpath(path))
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
@@ -128,7 +135,7 @@ def scan_name(path):
 # --- masks ------------------------------------------------------------------------------------
 
 
-def _ball(radius_mm, spacing):
+def _ball(radius_mm: float, spacing: Spacing) -> Array:
     """An ellipsoidal structuring element of ``radius_mm`` on a grid of ``spacing``."""
     radius = np.maximum(np.rint(radius_mm / np.asarray(spacing, np.float64)), 1).astype(int)
     axes = [np.arange(-r, r + 1) / r for r in radius]
@@ -136,7 +143,7 @@ def _ball(radius_mm, spacing):
     return sum(g**2 for g in grid) <= 1.0
 
 
-def _fill_holes_axial(mask):
+def _fill_holes_axial(mask: Array) -> Array:
     """Holes filled slice by slice across axis 2 (a FOV cut along the body axis opens 3-D holes)."""
     out = np.empty_like(mask)
     for k in range(mask.shape[2]):
@@ -144,7 +151,7 @@ def _fill_holes_axial(mask):
     return out
 
 
-def _largest_component(mask):
+def _largest_component(mask: Array) -> Array:
     components, count = ndi.label(mask)
     if count == 0:
         return mask
@@ -152,7 +159,7 @@ def _largest_component(mask):
     return components == 1 + int(np.argmax(sizes))
 
 
-def _air_components(image):
+def _air_components(image: Array) -> tuple[Array, Array, Array, Array]:
     """Connected air (HU < :data:`LUNG_HU`): labels, sizes, median HU, and which touch the
     in-plane border of the FOV (axes 0 and 1)."""
     components, count = ndi.label(image < LUNG_HU)
@@ -165,7 +172,9 @@ def _air_components(image):
     return components, sizes, medians, touching[1:]
 
 
-def body_and_lung_masks(image, spacing, min_fraction=0.1, close_mm=4.0, open_mm=6.0, name="image"):
+def body_and_lung_masks(image: ArrayLike, spacing: Spacing, min_fraction: float = 0.1,
+                        close_mm: float = 4.0, open_mm: float = 6.0,
+                        name: PathLike = "image") -> tuple[Array, Array]:
     """``(body, lungs)`` boolean masks of a CT in HU.
 
     Outside air is the pure gas (median below :data:`CLEAN_AIR_HU`) that reaches the in-plane
@@ -192,7 +201,7 @@ def body_and_lung_masks(image, spacing, min_fraction=0.1, close_mm=4.0, open_mm=
     return body, lungs
 
 
-def split_lungs(lungs, spacing, max_erosion_mm=16.0):
+def split_lungs(lungs: Array, spacing: Spacing, max_erosion_mm: float = 16.0) -> Array:
     """Label map: 1 = left lung, 2 = right lung (RAS+: the right lung has the larger axis-0 mean).
 
     The lungs usually touch (through the airways or the anterior junction); erosion until two
@@ -217,7 +226,7 @@ def split_lungs(lungs, spacing, max_erosion_mm=16.0):
     return labels
 
 
-def _separated_seeds(lungs, spacing, max_erosion_mm):
+def _separated_seeds(lungs: Array, spacing: Array, max_erosion_mm: float) -> Array | None:
     """Two eroded lung parts labelled as :data:`LABELS` (``0`` elsewhere), or None."""
     eroded = lungs.copy()
     element = ndi.generate_binary_structure(3, 1)
@@ -242,7 +251,7 @@ def _separated_seeds(lungs, spacing, max_erosion_mm):
 # --- anatomy: what the motion needs from one scan ---------------------------------------------
 
 
-def _smoothstep(t):
+def _smoothstep(t: ArrayLike) -> Array:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -275,8 +284,9 @@ class Anatomy:
     lateral: np.ndarray
 
 
-def analyse(image, spacing, fade_in_mm=15.0, fade_out_mm=5.0, normal_fade_mm=50.0,
-            fade_below_mm=80.0, name="image"):
+def analyse(image: ArrayLike, spacing: Spacing, fade_in_mm: float = 15.0, fade_out_mm: float = 5.0,
+            normal_fade_mm: float = 50.0, fade_below_mm: float = 80.0,
+            name: PathLike = "image") -> Anatomy:
     """The :class:`Anatomy` of a CT (HU, RAS+ array order)."""
     image = io.check_volume(image, name)
     spacing = io.check_spacing(spacing, "spacing")
@@ -294,14 +304,14 @@ def analyse(image, spacing, fade_in_mm=15.0, fade_out_mm=5.0, normal_fade_mm=50.
                    *(a.astype(np.float32) for a in (slide, normal_weight, normal, *profiles)))
 
 
-def _signed_distance(region, spacing):
+def _signed_distance(region: Array, spacing: Array) -> Array:
     """Distance (mm) to the region's surface, positive inside."""
     inside = ndi.distance_transform_edt(region, sampling=spacing)
     outside = ndi.distance_transform_edt(~region, sampling=spacing)
     return np.where(region, inside, -outside).astype(np.float32)
 
 
-def _profiles(lungs, spacing, fade_below_mm):
+def _profiles(lungs: Array, spacing: Array, fade_below_mm: float) -> tuple[Array, Array, Array]:
     """The cranio-caudal, antero-posterior and lateral profiles of :class:`Anatomy`."""
     centres = [geometry.cell_centres(np.arange(n), h) for n, h in zip(lungs.shape, spacing)]
     where = np.nonzero(lungs)
@@ -318,7 +328,8 @@ def _profiles(lungs, spacing, fade_below_mm):
 # --- sampling (XLA-compiled geometry: tfmlreg.layers) ------------------------------------
 
 
-def _sample(volume, points, spacing, fill_value=None):
+def _sample(volume: ArrayLike, points: ArrayLike, spacing: Spacing,
+            fill_value: float | None = None) -> Array:
     """Trilinear values of an unbatched ``volume (D, H, W[, C])`` at ``points (..., 3)`` mm."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
@@ -331,7 +342,8 @@ def _sample(volume, points, spacing, fill_value=None):
 # --- the motion -------------------------------------------------------------------------------
 
 
-def _smooth_noise(shape, spacing, rng, control_mm=50.0):
+def _smooth_noise(shape: Shape, spacing: Spacing, rng: np.random.Generator,
+                  control_mm: float = 50.0) -> Array:
     """A smooth random vector field, std about 1: a coarse random grid (``control_mm`` apart),
     cubic-interpolated to a grid a quarter as fine, then trilinear to the full grid."""
     extent = np.asarray(shape) * np.asarray(spacing)
@@ -345,7 +357,8 @@ def _smooth_noise(shape, spacing, rng, control_mm=50.0):
         smooth[None].astype(np.float32), geometry.as_spacing(extent / np.asarray(middle), 1), shape))[0]
 
 
-def _breathing_pattern(anatomy, rng, ap_fraction, lateral_fraction, perturbation_fraction):
+def _breathing_pattern(anatomy: Anatomy, rng: np.random.Generator, ap_fraction: float,
+                       lateral_fraction: float, perturbation_fraction: float) -> Array:
     """The unscaled exhale-direction field: cranio-caudal 1 at the bases, plus the rest."""
     shape = anatomy.slide.shape
     motion = np.empty((*shape, 3), np.float32)
@@ -359,9 +372,12 @@ def _breathing_pattern(anatomy, rng, ap_fraction, lateral_fraction, perturbation
             - (anatomy.slide - anatomy.normal_weight)[..., None] * along_normal)
 
 
-def breathing_field(anatomy, amplitude_mm, rng, direction="exhale", smooth_mm=4.0,
-                    ap_fraction=(0.15, 0.35), lateral_fraction=(0.03, 0.12),
-                    perturbation_fraction=(0.0, 0.15), min_jacobian=0.2, attempts=4):
+def breathing_field(anatomy: Anatomy, amplitude_mm: float, rng: np.random.Generator,
+                    direction: str = "exhale", smooth_mm: float = 4.0,
+                    ap_fraction: tuple[float, float] = (0.15, 0.35),
+                    lateral_fraction: tuple[float, float] = (0.03, 0.12),
+                    perturbation_fraction: tuple[float, float] = (0.0, 0.15),
+                    min_jacobian: float = 0.2, attempts: int = 4) -> tuple[Array, dict[str, Any]]:
     """A random breathing displacement ``(D, H, W, 3)`` mm on the anatomy's grid, and its draws.
 
     Its largest cranio-caudal component (``max |u_2|``) is ``amplitude_mm``; the other parts are
@@ -394,7 +410,8 @@ def breathing_field(anatomy, amplitude_mm, rng, direction="exhale", smooth_mm=4.
     raise AssertionError("unreachable: the last attempt scales down until invertible")
 
 
-def _invertible_scale(u, spacing, min_jacobian, final):
+def _invertible_scale(u: Array, spacing: Array, min_jacobian: float,
+                      final: bool) -> tuple[float, float] | tuple[None, None]:
     """``(scale, smallest det)``: scale 1 if ``u`` passes the Jacobian check; on the ``final`` try
     the largest ``0.85^k`` that passes; ``(None, None)`` otherwise."""
     scale = 1.0
@@ -407,19 +424,19 @@ def _invertible_scale(u, spacing, min_jacobian, final):
         scale *= 0.85
 
 
-def _sign(direction):
+def _sign(direction: str) -> float:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {sorted(DIRECTIONS)}, got {direction!r}")
     return DIRECTIONS[direction]
 
 
-def _mismatch(u, v, spacing):
+def _mismatch(u: Tensor, v: Tensor, spacing: Tensor) -> Tensor:
     """``v(z) + u(z + v(z))`` (batched tensors): zero where ``v`` inverts ``y = x + u``."""
     points = geometry.grid_points(geometry.spatial_shape(v), spacing) + v
     return v + geometry.sample(u, points, spacing)
 
 
-def _differences(v, spacing):
+def _differences(v: Tensor, spacing: Tensor) -> list[Tensor]:
     """``[∂v/∂x_k for k in 0, 1, 2]`` of a batched field: central differences, one-sided at the
     border (as ``np.gradient``)."""
     out = []
@@ -438,7 +455,7 @@ _mismatch_compiled = layers.xla_compiled(_mismatch)
 
 
 @layers.xla_compiled
-def _newton_step(u, v, spacing):
+def _newton_step(u: Tensor, v: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
     """One Newton step on ``F(v) = v + u(z + v) = 0``, and its largest change.
 
     ``F``'s Jacobian is ``I + ∇u(z + v)``, whose inverse at the solution is ``I + ∇v(z)`` (the
@@ -451,7 +468,8 @@ def _newton_step(u, v, spacing):
     return update, ops.max(ops.abs(update - v))
 
 
-def invert_displacement(u, spacing, iterations=30, tolerance_mm=0.005, coarsest=24):
+def invert_displacement(u: ArrayLike, spacing: Spacing, iterations: int = 30,
+                        tolerance_mm: float = 0.005, coarsest: int = 24) -> tuple[Array, Array]:
     """``(v, residual)``: the inverse of ``y = x + u`` as ``y⁻¹(z) = z + v(z)`` on the same grid.
 
     Solves ``v(z) = -u(z + v(z))`` by Newton steps (:func:`_newton_step`; it converges for the
@@ -468,7 +486,8 @@ def invert_displacement(u, spacing, iterations=30, tolerance_mm=0.005, coarsest=
     return ops.convert_to_numpy(v)[0], residual
 
 
-def _inverse(field, spacing, iterations, tolerance_mm, coarsest):
+def _inverse(field: Tensor, spacing: Tensor, iterations: int, tolerance_mm: float,
+             coarsest: int) -> Tensor:
     """The inverse of a batched ``field``, started from the coarser grid's."""
     shape = geometry.spatial_shape(field)
     if min(shape) >= 2 * coarsest:
@@ -497,7 +516,7 @@ def _inverse(field, spacing, iterations, tolerance_mm, coarsest):
 
 
 @layers.xla_compiled
-def _fixed_point_step(u, v, spacing):
+def _fixed_point_step(u: Tensor, v: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
     """One step of ``v ← -u(z + v)``, and its largest change."""
     update = v - _mismatch(u, v, spacing)
     return update, ops.max(ops.abs(update - v))
@@ -506,7 +525,8 @@ def _fixed_point_step(u, v, spacing):
 # --- images, labels, landmarks ----------------------------------------------------------------
 
 
-def _compress_parenchyma(moving, moving_labels, inverse, spacing):
+def _compress_parenchyma(moving: Array, moving_labels: Array, inverse: Array,
+                         spacing: Array) -> Array:
     """Mass conservation in the lung parenchyma: ``HU + 1000`` times the moving side's volume
     ratio ``det(I + ∇v)`` (denser where the lungs shrank). Vessels and tissue (above about -400
     HU) keep their density; the blend over -600..-400 HU avoids an edge at a threshold."""
@@ -515,7 +535,8 @@ def _compress_parenchyma(moving, moving_labels, inverse, spacing):
     return AIR_HU + (moving - AIR_HU) * (1.0 + parenchyma * (ratio - 1.0))
 
 
-def _moving_from_fixed(anatomy, displacement, residual_limit_mm, mass_conservation):
+def _moving_from_fixed(anatomy: Anatomy, displacement: Array, residual_limit_mm: float,
+                       mass_conservation: bool) -> tuple[Array, Array, float]:
     """``(moving image, moving labels, residual)``: the fixed CT and labels pulled back by ``y⁻¹``."""
     spacing = anatomy.spacing
     inverse, residual = invert_displacement(displacement, spacing)
@@ -533,7 +554,8 @@ def _moving_from_fixed(anatomy, displacement, residual_limit_mm, mass_conservati
     return moving.astype(np.float32), moving_labels, lung_residual
 
 
-def vessel_landmarks(image, lungs, spacing, count=300, min_depth_voxels=2, name="image"):
+def vessel_landmarks(image: Array, lungs: Array, spacing: Spacing, count: int = 300,
+                     min_depth_voxels: int = 2, name: PathLike = "image") -> Array:
     """``(count, 3)`` mm: bright blob-like points (vessels) in the lungs, spread out.
 
     The blob measure is a difference of Gaussians (about 1.5 mm minus 4.5 mm) of the HU image;
@@ -566,8 +588,11 @@ def vessel_landmarks(image, lungs, spacing, count=300, min_depth_voxels=2, name=
 # --- the pair ---------------------------------------------------------------------------------
 
 
-def synthesize(anatomy, rng, amplitude_mm, direction="exhale", shift_mm=(0.0, 0.0, 0.0),
-               noise_hu=(2.0, 20.0), mass_conservation=True, residual_limit_mm=0.05, **motion):
+def synthesize(anatomy: Anatomy, rng: np.random.Generator, amplitude_mm: float,
+               direction: str = "exhale",
+               shift_mm: Spacing = (0.0, 0.0, 0.0), noise_hu: tuple[float, float] = (2.0, 20.0),
+               mass_conservation: bool = True, residual_limit_mm: float = 0.05,
+               **motion: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fixed and moving images, labels and ground truth (no landmarks) from an :class:`Anatomy`.
 
     The displacement is the breathing field (:func:`breathing_field`, ``amplitude_mm`` exactly)
@@ -609,7 +634,7 @@ class RandomMotion:
     pure_shift: float = 0.2
     noise_hu: tuple = (2.0, 20.0)
 
-    def draw(self, rng):
+    def draw(self, rng: np.random.Generator) -> dict[str, Any]:
         """Keyword arguments of :func:`synthesize` for one pair."""
         amplitude = 0.0 if rng.random() < self.pure_shift else rng.uniform(0.0, self.amplitude_mm)
         return {"amplitude_mm": float(amplitude),
@@ -618,7 +643,8 @@ class RandomMotion:
                 "noise_hu": self.noise_hu}
 
 
-def random_pair(anatomy, rng, motion=RandomMotion(), attempts=5):
+def random_pair(anatomy: Anatomy, rng: np.random.Generator, motion: RandomMotion = RandomMotion(),
+                attempts: int = 5) -> tuple[dict[str, Any], dict[str, Any]]:
     """A new random pair of the scan (:func:`synthesize`'s ``(pair, info)``), motion from ``motion``;
     a draw whose inverse does not converge (rare: large motion on a coarse grid) is drawn again."""
     for _ in range(attempts - 1):
@@ -629,8 +655,10 @@ def random_pair(anatomy, rng, motion=RandomMotion(), attempts=5):
     return synthesize(anatomy, rng, **motion.draw(rng))
 
 
-def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_landmarks=300,
-              anatomy=None, name="synthetic", affine=None, **options):
+def make_pair(image: ArrayLike, spacing: Spacing, seed: int | list[int] | tuple[int, ...] = 0,
+              amplitude_mm: float = 25.0, direction: str = "exhale", n_landmarks: int = 300,
+              anatomy: Anatomy | None = None, name: str = "synthetic",
+              affine: ArrayLike | None = None, **options: Any) -> dict[str, Any]:
     """A pair in the key layout of :func:`tfmlreg.data.io.load_pair` from one CT; same inputs,
     same bytes.
 
@@ -661,7 +689,8 @@ def make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale", n_l
     return pair
 
 
-def stays_in_view(displacement, spacing, margin_mm=LANDMARK_MARGIN_MM):
+def stays_in_view(displacement: Array, spacing: Spacing,
+                  margin_mm: float = LANDMARK_MARGIN_MM) -> Array:
     """Voxels whose position in the moving image, ``x + u(x)``, is at least ``margin_mm`` inside
     its grid. Elsewhere the moving image holds none of the anatomy that moved there (motion
     carried it out of the scanned field of view), so no method can find the correspondence and a
@@ -674,12 +703,14 @@ def stays_in_view(displacement, spacing, margin_mm=LANDMARK_MARGIN_MM):
     return np.all(inside, axis=-1)
 
 
-def _jsonable(seed):
+def _jsonable(seed: int | list[int] | tuple[int, ...]) -> int | list[int]:
     return [int(s) for s in seed] if isinstance(seed, (list, tuple)) else int(seed)
 
 
-def write_pairs(ct_paths, out_dir, pairs_per_scan=1, spacing_mm=2.0, amplitude_mm=30.0,
-                min_amplitude_mm=None, direction="random", seed=0, n_landmarks=300):
+def write_pairs(ct_paths: Iterable[PathLike], out_dir: PathLike, pairs_per_scan: int = 1,
+                spacing_mm: Spacing | None = 2.0, amplitude_mm: float = 30.0,
+                min_amplitude_mm: float | None = None, direction: str = "random", seed: int = 0,
+                n_landmarks: int = 300) -> list[str]:
     """Write ``out_dir/<scan>_<k>/`` pair folders, ``pairs_per_scan`` per CT; returns their names.
 
     Each pair draws its amplitude uniformly from ``[min_amplitude_mm, amplitude_mm]`` (default
@@ -711,7 +742,7 @@ def write_pairs(ct_paths, out_dir, pairs_per_scan=1, spacing_mm=2.0, amplitude_m
     return names
 
 
-def _write(case_dir, pair, source, spacing):
+def _write(case_dir: str, pair: Mapping[str, Any], source: PathLike, spacing: Array) -> None:
     io.write_pair(case_dir, pair)
     record = dict(pair["synthesis"], source=os.path.basename(source),
                   spacing_mm=[float(h) for h in spacing])
