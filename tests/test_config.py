@@ -65,7 +65,10 @@ def test_unknown_keys_are_named_with_the_nearest_known_one(tmp_path, path, value
     ("model.levels", True, "model.levels: expected an integer >= 1, got true"),
     ("model.alpha", -1.0, "model.alpha: expected a number >= 0, got -1.0"),
     ("training.learning_rate", "fast", 'training.learning_rate: expected a number > 0, got "fast"'),
-    ("training.init", "he", "training.init: expected one of 'pretrained', 'xavier', got \"he\""),
+    ("training.init", "he", "training.init: expected one of 'pretrained', 'xavier', 'keep', got \"he\""),
+    ("training.initial_model", "m.keras",
+     "training.init: expected \"keep\" with training.initial_model (fine-tuning keeps every level's "
+     "loaded weights), got 'pretrained'"),
     ("training.masks", "yes", 'training.masks: expected true or false, got "yes"'),
     ("training.epochs_per_level", [1, 2, 3],
      "training.epochs_per_level: expected 2 values (one per level, coarsest first), got 3"),

@@ -204,3 +204,19 @@ def test_model_with_layers_survives_save_and_load(tmp_path, batch):
     for before, after in zip(model([image, displacement, spacing]),
                              loaded([image, displacement, spacing])):
         np.testing.assert_array_equal(before, after)
+
+
+def test_sample_axes_is_sample_on_a_tensor_grid():
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(9, 7, 8, 2)).astype(np.float32)
+    spacing = np.array([1.5, 2.0, 0.8], np.float32)
+    # points inside, between the outermost centres and the edge, and beyond the domain
+    axes = [np.sort(rng.uniform(-3.0, n * h + 3.0, m)).astype(np.float32)
+            for n, h, m in zip(volume.shape[:3], spacing, (5, 6, 4))]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    for fill_value in (None, -7.0):
+        expected = np.asarray(geometry.sample(volume[None], points[None], spacing, fill_value))[0]
+        got = geometry.sample_axes(volume, axes, spacing, fill_value)
+        assert got.shape == expected.shape == (5, 6, 4, 2)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.any(got == -7.0) and np.any(got != -7.0)  # the points reach outside and inside

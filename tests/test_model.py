@@ -145,6 +145,24 @@ def test_xavier_init_draws_new_weights_for_each_finer_level():
     assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
 
 
+def test_keep_init_fine_tunes_every_level_from_its_own_weights(tmp_path):
+    from tfmlreg import experiment
+
+    trained = small_model(levels=2)
+    fit_progressive(trained, dataset(translated_pair(16, [2.0, 0, 0]), 1), epochs_per_level=1,
+                    verbose=0)
+    trained.save(tmp_path / "trained.keras")
+    model = small_model(levels=2)
+    experiment.load_initial_weights(model, str(tmp_path / "trained.keras"))
+    assert_same(sum(weights_of(model), []), sum(weights_of(trained), []))
+    recorder = WeightsAtStageStart()
+    fit_progressive(model, dataset(translated_pair(16, [2.0, 0, 0]), 1), epochs_per_level=1,
+                    init="keep", callbacks=[recorder], verbose=0)
+    # the fine level starts from its own loaded weights, not the coarse level's
+    fine_start = recorder.snapshots[1]["weights"][0]
+    assert_same(fine_start, weights_of(trained)[0])
+
+
 def test_resume_skips_finished_stages(tmp_path):
     pair = translated_pair(16, [2.0, 0, 0])
     first = small_model(levels=2)

@@ -29,7 +29,9 @@ truth (:mod:`tfmlreg.data.synthetic`) whose motion ``training.motion`` sets (the
 :class:`~tfmlreg.data.synthetic.RandomMotion`). ``training.geometric`` (the options of
 :func:`tfmlreg.data.pipeline.augment_geometry`: ``flips``, ``permutations``, ``swaps``,
 ``shift_mm``, ``crop_fraction``) augments the training pairs, phantoms included, with their
-ground truth; validation data are never augmented.
+ground truth; validation data are never augmented. ``training.initial_model`` (a ``.keras``
+file of the same architecture, with ``"init": "keep"``) fine-tunes a trained model: every level
+starts from its weights.
 
 The run writes ``OUTPUT/run.json`` (the config it was started with), ``OUTPUT/checkpoints/``
 (per finished stage, and the state of the stage in progress after each epoch),
@@ -172,7 +174,7 @@ MOTION = {  # synthetic.RandomMotion's fields
 TRAINING = {
     "epochs_per_level": _epochs, "init": _choice(INITS), "learning_rate": _number(positive=True),
     "batch_size": _integer(1), "steps_per_epoch": _optional(_integer(1)), "masks": _boolean,
-    "augment": _boolean, "geometric": GEOMETRIC, "motion": MOTION,
+    "augment": _boolean, "geometric": GEOMETRIC, "motion": MOTION, "initial_model": _text,
 }
 TRAINING_DEFAULTS = {"epochs_per_level": 4, "init": "pretrained", "learning_rate": 1e-3,
                      "batch_size": 1, "steps_per_epoch": None, "masks": True, "augment": False}
@@ -246,6 +248,12 @@ def load_config(path):
     if isinstance(epochs, list) and len(epochs) != config["model"]["levels"]:
         raise DataError(f"{path}: training.epochs_per_level: expected {config['model']['levels']} "
                         f"values (one per level, coarsest first), got {len(epochs)}")
+    training = config["training"]
+    if "initial_model" in training:
+        training["initial_model"] = os.path.normpath(os.path.join(base, training["initial_model"]))
+        if training["init"] != "keep":  # pretrained/xavier would overwrite the loaded finer levels
+            raise DataError(f"{path}: training.init: expected \"keep\" with training.initial_model "
+                            f"(fine-tuning keeps every level's loaded weights), got {training['init']!r}")
     build_model(config["model"], path)  # a model the settings cannot build fails here
     return config
 
@@ -335,6 +343,9 @@ def check_sources(config):
         for path in source.get("scans", {}).get("files", []) if isinstance(source, dict) else []:
             if not os.path.isfile(path):
                 raise DataError(f"data.{split}.scans.files: {path}: no such file")
+    initial = config["training"].get("initial_model")
+    if initial is not None and not os.path.isfile(initial):
+        raise DataError(f"training.initial_model: {initial}: no such file")
 
 
 def data_dir(source, output, split):
@@ -460,6 +471,8 @@ def _train(model, config, verbose):
         model.set_active_level(1)
         model.load_weights(os.path.join(where["checkpoints"], "level1.weights.h5"))
         return {}
+    if "initial_model" in training:
+        load_initial_weights(model, training["initial_model"])
     folder = config["output"]
     train = dataset(config["data"]["train"], folder, "train", model, training, shuffle=True)
     validation = None
@@ -472,6 +485,23 @@ def _train(model, config, verbose):
         checkpoint_dir=where["checkpoints"], callbacks=[StageCSVLogger(where["log"])],
         steps_per_epoch=training["steps_per_epoch"], verbose=verbose,
     )
+
+
+def load_initial_weights(model, path):
+    """Every level's network weights from the trained ``.keras`` model at ``path`` (fine-tuning);
+    the architectures must match."""
+    import keras
+
+    source = keras.models.load_model(path, compile=False)
+    if getattr(source, "levels", None) != model.levels:
+        raise DataError(f"training.initial_model: {path}: expected a MultilevelRegistration with "
+                        f"{model.levels} levels, got {getattr(source, 'levels', type(source).__name__)}")
+    for level in range(1, model.levels + 1):
+        try:
+            model.net(level).set_weights(source.net(level).get_weights())
+        except ValueError as error:
+            raise DataError(f"training.initial_model: {path}: level {level}'s network does not "
+                            f"match the config's model ({str(error).splitlines()[0]})") from None
 
 
 def _save_outputs(model, config):

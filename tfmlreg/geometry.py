@@ -17,6 +17,8 @@ compose and resample are thin uses of it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from keras import ops
 from numpy.typing import ArrayLike, DTypeLike
@@ -215,6 +217,37 @@ def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: T
     ]
     edge = [lerp(face[a][0], face[a][1], fy) for a in (0, 1)]
     return lerp(edge[0], edge[1], fz)
+
+
+def sample_axes(volume: ArrayLike, axis_points: Sequence[ArrayLike], spacing: Spacing,
+                fill_value: float | None = None) -> Array:
+    """NumPy: ``volume (D, H, W, C)`` at the tensor grid ``axis_points[0] × [1] × [2]`` (mm per
+    axis): :func:`sample` on that grid (same border rule and ``fill_value``), computed as three
+    1-D interpolations (trilinear is separable), many times faster on the CPU. For axis-aligned
+    resampling: the network grid, crops, shifts, a field back to full resolution."""
+    out = np.asarray(volume, np.float32)
+    step = np.broadcast_to(np.asarray(spacing, np.float64).reshape(-1), (3,))
+    for axis, points in enumerate(axis_points):
+        index = voxel_index(points, step[axis])
+        lower = np.floor(index)
+        shape = [1] * out.ndim
+        shape[axis] = -1
+        frac = (index - lower).astype(np.float32).reshape(shape)
+        last = out.shape[axis] - 1
+        low = np.take(out, np.clip(lower, 0, last).astype(np.int64), axis=axis)
+        out = low + (np.take(out, np.clip(lower + 1, 0, last).astype(np.int64), axis=axis) - low) * frac
+        if fill_value is not None:  # outside along one axis is outside: later axes keep the fill
+            outside = ((index < -0.5) | (index > last + 0.5)).reshape(shape)
+            out = np.where(outside, np.float32(fill_value), out)
+    return out
+
+
+def axis_centres(shape: Shape, spacing: Spacing, offset_mm: Spacing = 0.0) -> list[Array]:
+    """NumPy: the cell centres (mm, float32) of each axis of ``shape`` voxels of ``spacing``, plus
+    ``offset_mm``: the tensor grid :func:`sample_axes` takes."""
+    spacing = np.broadcast_to(np.asarray(spacing, np.float32).reshape(-1), (3,))
+    offset = np.broadcast_to(np.asarray(offset_mm, np.float32), (3,))
+    return [cell_centres(np.arange(int(n)), h, np.float32) + o for n, h, o in zip(shape, spacing, offset)]
 
 
 def warp(image: Tensor, displacement: Tensor, spacing: Spacing = 1.0,

@@ -43,7 +43,7 @@ from tfmlreg.types import PathLike
 if TYPE_CHECKING:
     from tfmlreg.model import MultilevelRegistration
 
-INITS = ("pretrained", "xavier")
+INITS = ("pretrained", "xavier", "keep")
 
 
 def fit_progressive(model: MultilevelRegistration, train_data: Any,
@@ -57,7 +57,8 @@ def fit_progressive(model: MultilevelRegistration, train_data: Any,
     """Train ``model`` (a :class:`~tfmlreg.model.MultilevelRegistration`) coarse to fine.
 
     ``init="pretrained"``: a finer network starts from the weights of the level below it (the
-    paper's choice); ``"xavier"``: from Xavier-uniform weights drawn afresh. ``optimizer`` is a
+    paper's choice); ``"xavier"``: from Xavier-uniform weights drawn afresh; ``"keep"``: every
+    network keeps the weights it has (fine-tuning a trained model). ``optimizer`` is a
     callable returning a new optimiser per stage (default Adam at ``learning_rate``).
     ``epochs_per_level`` is an int or a list, coarsest level first. Returns ``{level: History}``
     for the stages run now (finished stages loaded from checkpoints have no entry; a resumed
@@ -283,7 +284,7 @@ def _initialise(model: MultilevelRegistration, level: int, init: str) -> None:
     net = model.net(level)
     if init == "pretrained":
         net.set_weights(model.net(level + 1).get_weights())
-    else:
+    elif init == "xavier":
         reinitialise(net)
 
 

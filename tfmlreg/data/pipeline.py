@@ -67,8 +67,8 @@ def _sample_on_grid(volume: ArrayLike, volume_spacing: Spacing, shape: Shape, gr
     """``volume (D, H, W[, C])`` at the cell centres of ``shape`` cells of ``grid_spacing``."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
-    points = geometry.grid_points(shape, geometry.as_spacing(grid_spacing, 1))
-    values = np.asarray(geometry.sample(channels[None], points, volume_spacing, fill_value))[0]
+    values = geometry.sample_axes(channels, geometry.axis_centres(shape, grid_spacing), volume_spacing,
+                                  fill_value)
     return values[..., 0] if volume.ndim == 3 else values
 
 
@@ -148,8 +148,9 @@ def _grid_element(pair: Mapping[str, Any], shape: Shape, num_labels: int,
 
 def _on_grid(field: ArrayLike, spacing: Spacing, shape: Shape) -> Array:
     """A displacement (mm) on another grid of the same domain."""
-    return np.asarray(geometry.resample_displacement(
-        np.asarray(field, np.float32)[None], np.asarray(spacing, np.float32), tuple(shape)))[0]
+    field = np.asarray(field, np.float32)
+    grid_spacing = network_spacing(field.shape[:3], np.asarray(spacing, np.float32), shape)
+    return geometry.sample_axes(field, geometry.axis_centres(shape, grid_spacing), spacing)
 
 
 def grid_arrays(source: Source, shape: Shape, masks: bool = True, num_labels: int = NUM_LABELS,
@@ -247,11 +248,11 @@ def shift_moving(element: Mapping[str, Any], shift_mm: Spacing) -> dict[str, Any
     """The moving image moved by ``-shift_mm`` (``moving'(x) = moving(x + shift)``): the field
     becomes ``u - shift``, moving landmarks ``p - shift``; beyond the border the border continues."""
     shift = np.asarray(shift_mm, np.float32)
-    points = _points(element["fixed"].shape[:3], element["spacing"]) + shift
+    points = geometry.axis_centres(element["fixed"].shape[:3], element["spacing"], shift)
     out = dict(element)
     for key in ("moving", "moving_mask"):
         if key in element:
-            out[key] = _sample(element[key], points, element["spacing"])
+            out[key] = geometry.sample_axes(element[key], points, element["spacing"])
     if "displacement" in element:
         out["displacement"] = element["displacement"] - shift
     if "moving_landmarks" in element:
@@ -267,11 +268,11 @@ def crop(element: Mapping[str, Any], start: Shape, size: Shape) -> dict[str, Any
     spacing = np.asarray(element["spacing"], np.float64)
     origin = np.asarray(start) * spacing
     box_spacing = (np.asarray(size) * spacing / shape).astype(np.float32)
-    points = _points(tuple(shape), box_spacing) + origin.astype(np.float32)
+    points = geometry.axis_centres(tuple(shape), box_spacing, origin)
     out = dict(element, spacing=box_spacing)
-    for key in _VOLUMES + ("displacement",):
+    for key in _VOLUMES:
         if key in element:
-            out[key] = _sample(element[key], points, spacing)
+            out[key] = geometry.sample_axes(element[key], points, spacing)
     for key in _LANDMARKS:
         if key in element:
             out[key] = (element[key] - origin).astype(np.float32)
@@ -280,16 +281,6 @@ def crop(element: Mapping[str, Any], start: Shape, size: Shape) -> dict[str, Any
 
 _VOLUMES = ("fixed", "moving", "fixed_mask", "moving_mask", "displacement")
 _LANDMARKS = ("fixed_landmarks", "moving_landmarks")
-
-
-def _points(shape, spacing):
-    return np.asarray(geometry.grid_points(tuple(shape), geometry.as_spacing(spacing, 1)))[0]
-
-
-def _sample(volume, points, spacing):
-    """``volume (D, H, W, C)`` at ``points`` mm (border values beyond the domain)."""
-    return np.asarray(geometry.sample(np.asarray(volume, np.float32)[None], points[None],
-                                      np.asarray(spacing, np.float32)))[0]
 
 
 def augment_geometry(element: dict[str, Any], rng: np.random.Generator, flips: bool = False,
@@ -339,6 +330,7 @@ def make_dataset(source: Source, shape: Shape, batch_size: int = 1, masks: bool 
     ``augment``: intensity augmentation. Keyword options (all off by default, which keeps the
     element stream of earlier versions): ``flips``, ``permutations``, ``swaps``, ``shift_mm``,
     ``crop_fraction`` as :func:`augment_geometry`, drawn anew for every element every epoch.
+    A scan's synthetic pairs are never swapped: each draws its direction (exhale or inhale) itself.
     A scan in the list (``{"image", "spacing"}``) is resampled onto the network grid once and gives
     a new synthetic breathing pair every time it is drawn, with the motion of ``motion`` (a
     :class:`tfmlreg.data.synthetic.RandomMotion`; default ``RandomMotion()``).
@@ -414,6 +406,9 @@ class _ElementSource:
                        "spacing": pair["spacing"], "displacement": pair["displacement"],
                        "fixed_mask": one_hot(pair["fixed_labels"], self.num_labels),
                        "moving_mask": one_hot(pair["moving_labels"], self.num_labels)}
+            # a synthetic pair draws its direction itself: a swap would add nothing but the
+            # inversion of its field (costlier than the draw)
+            return augment_geometry(element, rng, **dict(self.geometric, swaps=False))
         return augment_geometry(element, rng, **self.geometric)
 
     def signature(self, masks: bool, displacement: bool) -> dict[str, tuple[int, ...]]:
