@@ -56,10 +56,10 @@ MIN_LEVEL_SIZE = 8  # cells per axis below which a coarser level adds nothing
 class RefineConfig:
     """Settings of :func:`refine`; every default is explained in docs/REFINEMENT.md."""
 
-    levels: int = 3
+    levels: int = 4
     iterations: int = 60  # Adam steps at the finest level, at most
     iteration_growth: float = 2.0  # each coarser level may take this many times more (cheap) steps
-    alpha: float = 4.0  # curvature weight (mm²), as in the training loss NGF + α·S(u)
+    alpha: float = 8.0  # curvature weight (mm²), as in the training loss NGF + α·S(u)
     folding: float = 10.0  # weight of the folding penalty (losses.folding), finest level only
     epsilon: float = 0.01  # NGF edge noise level, window-normalised intensity per mm
     learning_rate: float = 0.4  # mm per Adam step at the finest level (doubles per coarser level)
@@ -179,7 +179,11 @@ def _objective(control, level, alpha, epsilon, fold):
     spacing = level["spacing"]
     total = level["offset"] + prolongate(control, dims)
     points = geometry.grid_points(dims, spacing) + total
-    warped = geometry.sample(level["moving"], points, level["moving_spacing"], fill_value=0.0)
+    # Beyond the moving scan its border continues (no fill value): a scan cut through the body
+    # would otherwise end in a step to "air" that sample points cross as the field grows, a cliff
+    # in the objective that Adam's steps jump onto (radiomics-lung1, inhale: the coarsest level's
+    # loss rose 3x in one step and the level ended at its best early state, bases 20 mm off).
+    warped = geometry.sample(level["moving"], points, level["moving_spacing"])
     similarity = losses.ngf(level["fixed"], warped, spacing, epsilon, level.get("weights"))
     return (similarity + alpha * losses.curvature(total, spacing)
             + fold * losses.folding(total, spacing))
