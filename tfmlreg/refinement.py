@@ -205,7 +205,7 @@ def _adam_step(control, m, v, step, learning_rate, alpha, epsilon, fold, level):
     return control, m, v, loss
 
 
-compiled_step = tf.function(_adam_step, jit_compile=True)
+compiled_step = tf.function(_adam_step, jit_compile=True, autograph=False)  # no control flow to convert
 
 
 # --- levels -------------------------------------------------------------------------------------
