@@ -17,8 +17,9 @@ How it works, and why:
   ``control_factor`` times fewer cells per axis than the level grid, prolongated trilinearly: a
   smooth parameterisation with few unknowns, so Adam converges in tens of steps. The total field is
   ``initial + Σ increments``; the curvature term acts on the total (as in the model's loss).
-* **Steps.** One Adam step is one XLA-compiled function, traced once per level shape (inputs are
-  tensors, hyper-parameters included, so repeated calls with one shape never retrace). The Python
+* **Steps.** One Adam step is one compiled function (XLA from ``XLA_MIN_CELLS`` cells on, a plain
+  graph below), traced once per level shape (inputs are tensors, hyper-parameters included, so
+  repeated calls with one shape never retrace). The Python
   loop around it stops a level early when the loss improved by less than ``tolerance`` (relative)
   over the last ``patience`` steps, and keeps the best state seen, so a level never ends with a
   higher loss than it started with.
@@ -206,6 +207,16 @@ def _adam_step(control, m, v, step, learning_rate, alpha, epsilon, fold, level):
 
 
 compiled_step = tf.function(_adam_step, jit_compile=True, autograph=False)  # no control flow to convert
+# Small levels run the step as a plain graph: XLA's compilation (~1.2 s per shape on 2 cores)
+# costs more there than all its steps save (12×10×11 cells: 0.5 s cold as a graph against 1.2 s
+# with XLA, 110 steps each; from 45×38×42 cells on, XLA is faster even cold).
+graph_step = tf.function(_adam_step, autograph=False)
+XLA_MIN_CELLS = 32_768
+
+
+def step_for(shape):
+    """The step function for a level of ``shape`` cells: XLA from ``XLA_MIN_CELLS`` on."""
+    return compiled_step if np.prod(shape) >= XLA_MIN_CELLS else graph_step
 
 
 # --- levels -------------------------------------------------------------------------------------
@@ -413,8 +424,9 @@ def _run_level(level, shape, config, index, bar):
                  (_level_rate(config, index), config.alpha, config.epsilon,
                   _level_folding(config, index))]
     best, best_loss, seen = control, np.inf, []
+    step_function = step_for(shape)
     for step in range(1, level_iterations(config, index) + 1):
-        new, m, v, loss = compiled_step(control, m, v, tf.constant(step, tf.float32),
+        new, m, v, loss = step_function(control, m, v, tf.constant(step, tf.float32),
                                         *constants, level)
         loss = float(loss[0])
         seen.append(loss)
@@ -491,7 +503,7 @@ def _graph_level(level, shape, config, index):
     best_loss = tf.fill([batch], np.float32(np.inf))
 
     def body(step, control, m, v, best, best_loss):
-        new, m, v, loss = compiled_step(control, m, v, ops.cast(step, "float32"), *constants,
+        new, m, v, loss = step_for(shape)(control, m, v, ops.cast(step, "float32"), *constants,
                                         level)
         better = ops.reshape(loss < best_loss, (-1, 1, 1, 1, 1))
         best = ops.where(better, control, best)
