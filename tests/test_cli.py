@@ -182,3 +182,22 @@ def test_shipped_demo_model_registers_the_demo_pair(tmp_path):
     assert metrics["registered"]["tre_mean"] <= 0.3 * metrics["initial"]["tre_mean"]
     assert metrics["registered"]["folding"] < 0.005
     assert metrics["registered"]["dice_mean"] > metrics["initial"]["dice_mean"]
+
+
+def test_refinement_help_states_the_refine_config_defaults():
+    """The CLI states the defaults as text (it parses without importing TensorFlow): they must
+    be RefineConfig's."""
+    import argparse
+    import re
+
+    from tfmlreg.cli import add_refine_options
+    from tfmlreg.refinement import RefineConfig
+
+    parser = argparse.ArgumentParser()
+    add_refine_options(parser)
+    helps = {action.dest: action.help for action in parser._actions if action.help}
+    config = RefineConfig()
+    for dest, field in [("refine_iterations", "iterations"), ("refine_spacing", "finest_spacing_mm"),
+                        ("alpha", "alpha"), ("folding", "folding"), ("epsilon", "epsilon")]:
+        stated = float(re.search(r"default ([0-9.]+)", helps[dest]).group(1))
+        assert stated == float(getattr(config, field)), dest

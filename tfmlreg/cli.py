@@ -173,7 +173,7 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--refine-spacing", type=float, metavar="MM",
                        help="spacing of the finest refinement grid, no finer than the image's "
                             "(default 2)")
-    group.add_argument("--alpha", type=float, help="curvature weight (default 4)")
+    group.add_argument("--alpha", type=float, help="curvature weight (default 8)")
     group.add_argument("--folding", type=float, help="folding penalty weight (default 10; 0: the "
                                                      "paper's NGF + alpha*curvature alone)")
     group.add_argument("--epsilon", type=float, help="NGF edge noise level (default 0.01)")
