@@ -450,7 +450,8 @@ LEADING_ARGUMENTS = ("out", "cases", "ct", "version", "format", "shape", "spacin
 PHRASES = {"use overwrite=True": ("overwrite", "use --overwrite"),
            "only with server": ("server", "only with --server"),
            "choose another version": ("version", "choose another --version"),
-           "use format='onnx' (export_onnx)": ("format", "use --format onnx")}
+           "use format='onnx' (export_onnx)": ("format", "use --format onnx"),
+           "rerun with restart=True": ("restart", "rerun with --restart")}
 
 
 def _flag(name: str) -> str:

@@ -314,12 +314,12 @@ def _check_record(config):
             changes = config_changes(json.load(handle)["config"], config)
         if changes:
             raise DataError(f"{folder}: this run was started with another config ("
-                            + "; ".join(changes) + "); rerun with --restart to discard the run "
+                            + "; ".join(changes) + "); rerun with restart=True to discard the run "
                             "and train afresh, or choose another output")
         return
     if os.path.isdir(folder) and os.listdir(folder):
         raise DataError(f"{folder}: exists, is not empty and holds no tfmlreg run ({RUN_RECORD}); "
-                        "choose another output, or rerun with --restart to discard its content")
+                        "choose another output, or rerun with restart=True to discard its content")
     os.makedirs(folder, exist_ok=True)
     _write_json(record, {"config": json.loads(json.dumps(config))})
 
@@ -467,7 +467,7 @@ def _train(model, config, verbose):
     if _finished(config):
         if verbose:
             print(f"{config['output']}: already trained with this config; nothing to do "
-                  "(--restart trains it again)")
+                  "(restart=True, tfmlreg train --restart, trains it again)")
         model.set_active_level(1)
         model.load_weights(os.path.join(where["checkpoints"], "level1.weights.h5"))
         return {}
