@@ -2,12 +2,14 @@
 normalisation folded into the convolutions, bfloat16 networks; each gives the plain path's
 result, and the precision is chosen as documented."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import random_inputs
-from tfmlreg import inference, layers
+from tfmlreg import geometry, inference, layers
 from tfmlreg.data.io import DataError
 from tfmlreg.export import export_saved_model
 from tfmlreg.interface import SIGNATURE
@@ -181,3 +183,18 @@ def test_cli_precision_that_the_machine_lacks_is_a_one_line_error(monkeypatch, t
     assert code == 2 and len(err.splitlines()) == 1
     assert "precision: float16 needs a GPU" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_compiled_geometry_on_many_grids_traces_each_once_without_retracing_warnings(caplog):
+    results = []
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for n in range(8, 16):  # eight grids, as an evaluation over cases of different sizes
+            volume = np.arange(n**3, dtype=np.float32).reshape(1, n, n, n, 1)
+            results.append(np.asarray(layers.resample(volume, np.float32(2.0), (4, 4, 4))))
+        again = np.asarray(layers.resample(np.arange(8**3, dtype=np.float32).reshape(1, 8, 8, 8, 1),
+                                           np.float32(2.0), (4, 4, 4)))
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    np.testing.assert_array_equal(again, results[0])
+    expected = np.asarray(geometry.resample(np.arange(8**3, dtype=np.float32).reshape(1, 8, 8, 8, 1),
+                                            np.float32(2.0), (4, 4, 4)))
+    np.testing.assert_allclose(results[0], expected, rtol=1e-6)

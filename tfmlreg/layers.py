@@ -55,20 +55,46 @@ def plain_geometry() -> Iterator[None]:
 def xla_compiled(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` as an XLA-compiled ``tf.function`` while :func:`geometry_compiled` (the one
     wrapper for every geometry-heavy function: model layers, metrics, synthetic motion)."""
-    compiled = None
+    compiled: dict[Any, Any] = {}  # one tf.function per input signature (below)
 
     @functools.wraps(function)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        nonlocal compiled
         if not geometry_compiled():
             return function(*args, **kwargs)
-        if compiled is None:
+        # A new shape is compiled anew either way; one function per signature, each traced once,
+        # spares the user TensorFlow's "excessive retracing" warnings when many grids pass
+        # (an evaluation over cases of different sizes, the levels of a pyramid). TensorFlow
+        # counts retracing per code object, so each signature gets its own callable object.
+        key = _signature((args, sorted(kwargs.items())))
+        if key not in compiled:
             import tensorflow as tf
 
-            compiled = tf.function(function, jit_compile=True, autograph=False)
-        return compiled(*args, **kwargs)
+            compiled[key] = tf.function(_Traced(function), jit_compile=True, autograph=False)
+        return compiled[key](*args, **kwargs)
 
     return call
+
+
+class _Traced:
+    """``function`` as a callable object: a key of its own in TensorFlow's retracing count."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function, self.__name__ = function, function.__name__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+
+def _signature(value: Any) -> Any:
+    """What a ``tf.function`` traces anew for: the shape and dtype of arrays and tensors, the
+    value of anything else."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return tuple(value.shape), str(value.dtype)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(item) for item in value)
+    if isinstance(value, dict):
+        return tuple((key, _signature(item)) for key, item in sorted(value.items()))
+    return type(value).__name__, repr(value)
 
 
 warp = xla_compiled(geometry.warp)
