@@ -570,3 +570,18 @@ def test_signature_refuses_to_return_a_non_finite_displacement():
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="displacement: the model produced NaN or infinite values"):
         serve({name: tf.constant(value) for name, value in random_inputs(GRID, batch=1).items()})
+
+
+def test_a_signal_swallowed_on_the_way_still_stops_the_commit(tmp_path):
+    """A library may swallow the KeyboardInterrupt where it lands; the output is not committed."""
+    from tfmlreg import output
+
+    output.signalled.append(KeyboardInterrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with output.staged(tmp_path / "out") as staging:
+                with open(os.path.join(staging, "done.txt"), "w") as handle:
+                    handle.write("complete")
+    finally:
+        output.signalled.clear()
+    assert listing(tmp_path) == []

@@ -54,6 +54,7 @@ from types import FrameType, ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
 from tfmlreg import models  # noqa: E402  (no TensorFlow)
+from tfmlreg import output  # noqa: E402
 from tfmlreg.output import OutputError  # noqa: E402
 
 EXIT_FAILURE = 1
@@ -386,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     _show_tensorflow_logs = debug
     previous = _on_sigterm(_raise_terminated)
+    previous_interrupt = _on_signal(signal.SIGINT, _raise_interrupted)
+    output.signalled.clear()
     try:
         return args.function(args) or 0
     except KeyboardInterrupt:
@@ -403,16 +406,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"{DEBUG_VARIABLE}=1 for the traceback)", error, debug, EXIT_FAILURE)
     finally:
         _on_sigterm(previous)
+        _on_signal(signal.SIGINT, previous_interrupt)
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    output.signalled.append(Terminated)  # raised again at the commit point if swallowed
     raise Terminated()
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    output.signalled.append(KeyboardInterrupt)
+    raise KeyboardInterrupt()
 
 
 def _on_sigterm(handler: Any) -> Any:
     """Install ``handler`` for SIGTERM (main thread only); returns the one it replaced."""
+    return _on_signal(signal.SIGTERM, handler)
+
+
+def _on_signal(signum: int, handler: Any) -> Any:
+    """Install ``handler`` for ``signum`` (main thread only); returns the one it replaced."""
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signum, handler)
     except (ValueError, TypeError):  # not the main thread, or no handler to restore
         return None
 

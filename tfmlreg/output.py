@@ -140,6 +140,18 @@ def _acquire(lock_path: str, path: PathLike, what: str) -> IO[str]:
         handle.close()
 
 
+# Signals the command layer turned into exceptions (Ctrl-C, SIGTERM). A library may swallow
+# such an exception where it lands (a bare ``except`` in an import, a finaliser), and the
+# command would then run to its end; the commit point below raises it again instead.
+signalled: list[type[BaseException]] = []
+
+
+def raise_if_signalled() -> None:
+    """Raise the exception of a signal received earlier in this command, if any."""
+    if signalled:
+        raise signalled[0]()
+
+
 @contextlib.contextmanager
 def staged(path: PathLike, overwrite: bool = False, what: str = "out",
            folder: bool = True) -> Iterator[str]:
@@ -155,6 +167,7 @@ def staged(path: PathLike, overwrite: bool = False, what: str = "out",
         os.mkdir(staging)
         try:
             yield staging
+            raise_if_signalled()  # an interrupted command never commits its output
             if folder:
                 _replace_folder(staging, path)
             else:
