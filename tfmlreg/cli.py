@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     _show_tensorflow_logs = debug
-    previous = _on_sigterm(_raise_terminated)
+    previous = _on_signal(signal.SIGTERM, _raise_terminated)
     previous_interrupt = _on_signal(signal.SIGINT, _raise_interrupted)
     output.signalled.clear()
     try:
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"please report it at {REPORT_AT}; rerun with --debug or "
                        f"{DEBUG_VARIABLE}=1 for the traceback)", error, debug, EXIT_FAILURE)
     finally:
-        _on_sigterm(previous)
+        _on_signal(signal.SIGTERM, previous)
         _on_signal(signal.SIGINT, previous_interrupt)
 
 
@@ -417,11 +417,6 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     output.signalled.append(KeyboardInterrupt)
     raise KeyboardInterrupt()
-
-
-def _on_sigterm(handler: Any) -> Any:
-    """Install ``handler`` for SIGTERM (main thread only); returns the one it replaced."""
-    return _on_signal(signal.SIGTERM, handler)
 
 
 def _on_signal(signum: int, handler: Any) -> Any:
