@@ -1,9 +1,16 @@
 """Shared test helpers (importable as ``from conftest import ...``; pytest puts tests/ on the path)."""
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 
 from tfmlreg.model import MultilevelRegistration
+
+# The tfmlreg command keeps compiled XLA steps in a cache (tfmlreg.compilation_cache): for the
+# tests a fresh folder, never the user's own cache.
+os.environ.setdefault("TFMLREG_XLA_CACHE", tempfile.mkdtemp(prefix="tfmlreg-xla-"))
 
 # Whole modules of integration tests (commands end to end, training runs with checkpoints,
 # export, serving); single slow tests elsewhere carry @pytest.mark.slow themselves.

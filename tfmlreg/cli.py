@@ -38,8 +38,14 @@ from __future__ import annotations
 import os
 
 # TensorFlow reads these when it is imported, which happens only after the arguments are parsed.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ INFO/WARNING lines
+# C++ log level: 2 (no INFO/WARNING lines) with --debug, else 3 (main() sets it): loading each
+# cached XLA executable logs two ERROR lines that ask nothing of the user (a text-format parse
+# tried first, a CPU-feature comparison over tuning flags), and a real failure still reaches
+# the user as the Python exception's message.
+_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
@@ -53,6 +59,7 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from types import FrameType, ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
+from tfmlreg import compilation_cache  # noqa: E402  (no TensorFlow)
 from tfmlreg import models  # noqa: E402  (no TensorFlow)
 from tfmlreg import output  # noqa: E402
 from tfmlreg.output import OutputError  # noqa: E402
@@ -386,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     _show_tensorflow_logs = debug
+    if not _LOG_LEVEL_GIVEN:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if debug else "3"
+    compilation_cache.enable()  # before TensorFlow is imported: compiled steps kept across runs
     previous = _on_signal(signal.SIGTERM, _raise_terminated)
     previous_interrupt = _on_signal(signal.SIGINT, _raise_interrupted)
     output.signalled.clear()
