@@ -10,7 +10,7 @@ turn and ``--repeats`` times: ``tfmlreg register`` as a user runs it (a new proc
 start-up, reading, network, refinement, writing every output), and elastix B-spline in this
 process on the same arrays (its wall time, reading excluded). The command's persistent XLA cache
 (``tfmlreg.compilation_cache``) starts empty in a temporary folder: run 0 compiles every step,
-later runs load them (a new pair in the same shape buckets would too). Prints each wall time,
+later runs load them (so would any pair of the same grid shapes). Prints each wall time,
 the network's and the refinement's own seconds (from ``metrics.json``), the medians over the
 runs after the first, and what a bare ``python -c "import tensorflow"`` takes here.
 """

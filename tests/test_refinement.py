@@ -155,37 +155,3 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="fixed"):
         refinement.refine(np.zeros((8, 8)), np.zeros((8, 8, 8)), 1.0)
 
-
-@pytest.mark.parametrize("shape, spacing", [((120, 100, 110), 1.5), ((144, 113, 133), 2.5),
-                                            ((57, 30, 12), 1.0)])
-def test_working_grids_fall_in_shape_buckets(shape, spacing):
-    """The finest grid is a multiple of SHAPE_BUCKET cells per axis (so every coarser level has
-    whole cells and scans of similar size share compiled steps), never finer than the image,
-    and within half a bucket of the requested spacing."""
-    config = refinement.RefineConfig()
-    shapes = refinement.level_shapes(shape, (spacing,) * 3, config)
-    finest = np.asarray(shapes[0])
-    bucket = refinement.SHAPE_BUCKET
-    wanted = np.asarray(shape) * spacing / max(spacing, config.finest_spacing_mm)
-    if np.prod(wanted) > config.max_voxels:
-        wanted = wanted * (config.max_voxels / np.prod(wanted)) ** (1 / 3)
-    small = wanted < bucket  # fewer cells than a bucket: kept as they are
-    assert np.all(finest[~small] % bucket == 0) and np.all(finest <= shape)
-    assert np.all(np.abs(finest[~small] - wanted[~small]) <= bucket / 2 + 0.5)
-    assert np.array_equal(finest[small], np.round(wanted[small]))
-    for level, cells in enumerate(shapes[1:], start=1):
-        expected = np.maximum(np.ceil(finest / 2**level), np.minimum(finest, refinement.MIN_LEVEL_SIZE))
-        assert np.array_equal(cells, expected)
-
-
-def test_padded_moving_image_samples_the_same_everywhere():
-    """Padding the moving level to a bucket repeats its last slices: inside, across and far beyond
-    the border every sample (and so the objective and its gradient) is unchanged."""
-    rng = np.random.default_rng(3)
-    moving = rng.normal(size=(1, 11, 9, 13, 1)).astype(np.float32)
-    padded = np.asarray(refinement._padded(moving))
-    assert padded.shape == (1, 16, 16, 16, 1)
-    spacing = np.array([2.0, 1.5, 1.0], np.float32)
-    points = rng.uniform(-5.0, 1.4 * np.array([11, 9, 13]) * spacing, (1, 500, 3)).astype(np.float32)
-    np.testing.assert_allclose(geometry.sample(padded, points, spacing),
-                               geometry.sample(moving, points, spacing), rtol=0, atol=1e-6)

@@ -1,8 +1,8 @@
 """A persistent cache of XLA executables, so a new ``tfmlreg`` process does not compile again.
 
 The refinement compiles one XLA step per working-grid shape (about 1.5-2 s each on 2 cores for
-the two finest levels); its grids are rounded to shape buckets (``refinement.SHAPE_BUCKET``), so
-scans of similar size share them. TensorFlow keeps compiled executables on disk when
+the two finest levels), the network's geometry a few more; a later run on grids of the same
+shapes (the same scan size and spacing) loads them instead. TensorFlow keeps them on disk when
 ``TF_XLA_FLAGS`` holds ``--tf_xla_persistent_cache_directory``; this module sets that flag for
 the ``tfmlreg`` command. It must run before TensorFlow is imported (TensorFlow reads its flags
 then), so it imports nothing heavy.

@@ -51,9 +51,6 @@ ADAM_EPSILON = 1e-8
 # cannot tell them apart), and the initial one keeps the fine detail the coarse level cannot hold.
 ZERO_START_MARGIN = 0.1
 MIN_LEVEL_SIZE = 8  # cells per axis below which a coarser level adds nothing
-# Working grids are rounded to multiples of this many cells per axis (see _bucketed): 8, so that
-# each of the 4 default levels, down to 1/8 of the finest, has whole cell counts.
-SHAPE_BUCKET = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,38 +101,11 @@ def level_shapes(shape, spacing, config):
         excess = np.prod(finest) / config.max_voxels
         if excess > 1:
             finest = np.maximum(np.round(finest / excess ** (1 / 3)), 1).astype(np.int64)
-        finest = _bucketed(finest, shape)
     shapes = [tuple(int(n) for n in finest)]
     for level in range(1, config.levels):
         coarse = np.maximum(np.ceil(finest / 2**level), np.minimum(finest, MIN_LEVEL_SIZE))
         shapes.append(tuple(int(n) for n in coarse))
     return shapes
-
-
-def _bucketed(cells, own_cells):
-    """Cell counts rounded to the nearest multiple of ``SHAPE_BUCKET`` (never past the image's own
-    count, nor below ``SHAPE_BUCKET``; fewer cells stay): scans of similar size then share every
-    level's shape, hence its compiled step and the executables in a persistent XLA cache
-    (:mod:`tfmlreg.compilation_cache`). The finest spacing moves by at most half a bucket's worth
-    (about ±4 % for 100 cells)."""
-    bucket = SHAPE_BUCKET
-    rounded = np.maximum(np.round(cells / bucket), 1) * bucket
-    rounded = np.where(rounded > own_cells, np.floor(own_cells / bucket) * bucket, rounded)
-    return np.where(cells < bucket, cells, np.maximum(rounded, bucket)).astype(np.int64)
-
-
-def _padded(volume, bucket=None):
-    """``volume (B, D, H, W, C)`` extended at the far end of each axis by copies of its last slice
-    to a multiple of ``bucket`` cells (default ``SHAPE_BUCKET``): the same values at every sample
-    point, since beyond its border the moving scan continues anyway (see :func:`_objective`),
-    and one compiled step for all moving scans of a bucket."""
-    bucket = SHAPE_BUCKET if bucket is None else bucket
-    for axis, cells in enumerate(geometry.spatial_shape(volume), start=1):
-        extra = (-cells) % bucket
-        if extra:
-            last = ops.take(volume, [cells - 1], axis=axis)
-            volume = ops.concatenate([volume, ops.repeat(last, extra, axis=axis)], axis=axis)
-    return volume
 
 
 def control_shape(level_shape, config):
@@ -263,7 +233,7 @@ def _prepare_level(images, level_shape, delta):
     increments = geometry.resample(field, field_spacing, level_shape)
     level = {
         "fixed": smooth_resample(images["fixed"], images["spacing_fixed"], level_shape),
-        "moving": _padded(smooth_resample(images["moving"], images["spacing_moving"], moving_shape)),
+        "moving": smooth_resample(images["moving"], images["spacing_moving"], moving_shape),
         "spacing": spacing, "moving_spacing": moving_spacing,
         "offset": increments + _carry_initial(images, level_shape),
     }
