@@ -1,4 +1,4 @@
-"""The paper's comparison on the phantom benchmark, end to end, and docs/RESULTS.md from it.
+"""The paper's comparison on the phantom benchmark, end to end, and its section of docs/RESULTS.md.
 
     python benchmarks/phantom.py            # about an hour on 2 CPU cores
     python benchmarks/phantom.py --no-elastix
@@ -10,8 +10,8 @@
    multilevel, pretrained (4 per level). A finished arm (its ``model.keras`` exists) is reused.
 3. Evaluates every arm and elastix (multi-resolution B-spline, ``tfmlreg.baselines``) on the
    test set at full resolution, and on the same test anatomy with 40 mm of motion (more than
-   any training pair), and writes ``docs/RESULTS.md`` with the tables, the Dice box plot and an
-   overlay figure.
+   any training pair), and writes its section of ``docs/RESULTS.md`` (the rest of the file is
+   kept) with the tables, the Dice box plot and an overlay figure.
 """
 
 import argparse
@@ -107,9 +107,10 @@ def write_results(results, arms, cases, first_case_images, total_seconds, large_
         f"| {arm} | `training/{ARMS[arm]}` | "
         f"{'%.0f s' % seconds if seconds is not None else 'reused'} |"
         for arm, (_, seconds) in arms.items())
-    text = f"""# Results on the phantom benchmark
+    text = f"""{SECTION}
 
-Produced by `python benchmarks/phantom.py` (this file is written by it; {total_seconds / 60:.0f} min
+Produced by `python benchmarks/phantom.py` (this section, up to its Discussion, is written by
+it; {total_seconds / 60:.0f} min
 on this run, 2 CPU cores). Test set: {len(cases)} held-out phantom pairs (seeds {TEST['seed']}–
 {TEST['seed'] + TEST['cases'] - 1}, {TEST['shape'][0]}³ at 320 mm field of view, inhale → exhale,
 up to ~25 mm cranio-caudal motion), never seen in training. All metrics at the pairs' full
@@ -145,8 +146,27 @@ where aligned.
 
 ![overlay](figures/benchmark_overlay.png)
 """
-    with open(os.path.join(DOCS, "RESULTS.md"), "w") as handle:
-        handle.write(text)
+    path = os.path.join(DOCS, "RESULTS.md")
+    with open(path) as handle:
+        document = handle.read()
+    with open(path, "w") as handle:
+        handle.write(with_section(document, text))
+
+
+SECTION = "## The phantom benchmark (`benchmarks/phantom.py`)"
+DISCUSSION = "## Discussion"
+
+
+def with_section(document, section):
+    """``document`` with its phantom-benchmark section (from ``SECTION`` to the hand-written
+    ``DISCUSSION`` after it, or to the end) replaced by ``section``; appended if it has none.
+    The rest of RESULTS.md (the real-CT sections, the discussion) is other benchmarks' and kept."""
+    start = document.find(SECTION)
+    if start < 0:
+        return document.rstrip("\n") + "\n\n" + section
+    end = document.find(DISCUSSION, start)
+    end = len(document) if end < 0 else end
+    return document[:start] + section.rstrip("\n") + "\n\n" + document[end:]
 
 
 def main():

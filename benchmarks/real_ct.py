@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refine import register_all, score  # noqa: E402  (the benchmark's own case runner)
+from refine import register_all, score, shared_cts  # noqa: E402  (the benchmark's own case runner)
 
 METHODS = ("initial", "network", "network + refinement", "elastix")
 DIRECTIONS = ("exhale", "inhale")
@@ -117,9 +117,7 @@ def main():
     parser.add_argument("--no-elastix", action="store_true")
     parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "real_ct.md"))
     args = parser.parse_args()
-    if args.ct is None:
-        folder = os.path.join("..", "shared", "data", "ct")
-        args.ct = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".nii.gz"))
+    args.ct = shared_cts() if args.ct is None else args.ct
     methods = tuple(m for m in METHODS if not (args.no_refine and "refinement" in m)
                     and not (args.no_elastix and m == "elastix"))
 

@@ -101,6 +101,12 @@ def markdown(results, header):
     return "\n".join(lines) + "\n"
 
 
+def shared_cts():
+    """The real CTs of the project's shared data folder (``../shared/data/ct``), sorted."""
+    folder = os.path.join("..", "shared", "data", "ct")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".nii.gz"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct", nargs="*", default=None, help="real CTs (NIfTI)")
@@ -111,9 +117,7 @@ def main():
     parser.add_argument("--no-elastix", action="store_true")
     parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "refine.md"))
     args = parser.parse_args()
-    if args.ct is None:
-        folder = os.path.join("..", "shared", "data", "ct")
-        args.ct = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".nii.gz"))
+    args.ct = shared_cts() if args.ct is None else args.ct
 
     from tfmlreg.inference import load_predictor
 

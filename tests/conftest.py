@@ -12,6 +12,18 @@ from tfmlreg.model import MultilevelRegistration
 # tests a fresh folder, never the user's own cache.
 os.environ.setdefault("TFMLREG_XLA_CACHE", tempfile.mkdtemp(prefix="tfmlreg-xla-"))
 
+# The committed real-CT test fixture (attribution in tests/data/README.md): RAS+, 3 mm, 64x64x48 HU.
+CT_CROP = os.path.join(os.path.dirname(__file__), "data", "ct_crop.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def scan():
+    """The CT crop as a scan dict (:func:`tfmlreg.data.synthetic.load_scan`)."""
+    from tfmlreg.data import synthetic
+
+    return synthetic.load_scan(CT_CROP)
+
+
 # Whole modules of integration tests (commands end to end, training runs with checkpoints,
 # export, serving); single slow tests elsewhere carry @pytest.mark.slow themselves.
 SLOW_MODULES = {"test_cli", "test_resume", "test_export", "test_export_refined", "test_onnx",

@@ -1,6 +1,5 @@
 """Resampling to the network grid and the tf.data pipeline."""
 
-import os
 
 import numpy as np
 import pytest
@@ -56,12 +55,6 @@ def test_dataset_feeds_model_fit():
 
 # --- geometric augmentation and synthetic breathing --------------------------------------------
 
-CROP = os.path.join(os.path.dirname(__file__), "data", "ct_crop.nii.gz")  # RAS+, 3 mm, 64x64x48
-
-
-@pytest.fixture(scope="module")
-def scan():
-    return synthetic.load_scan(CROP)
 
 
 @pytest.fixture(scope="module")

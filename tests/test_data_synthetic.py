@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import CT_CROP
 from tfmlreg import cli, geometry, metrics
 from tfmlreg.data import io, synthetic
 
-CROP = os.path.join(os.path.dirname(__file__), "data", "ct_crop.nii.gz")  # RAS+, 3 mm, 64x64x48
-
-
-@pytest.fixture(scope="module")
-def scan():
-    return synthetic.load_scan(CROP)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +205,7 @@ def test_random_motion_draws_both_directions_small_motion_and_shifts():
 
 
 def test_read_ct_gives_ras_order_for_an_lps_file(tmp_path, scan):
-    image = nib.load(CROP)
+    image = nib.load(CT_CROP)
     flipped = np.asarray(image.dataobj)[::-1, ::-1]
     affine = image.affine @ np.array([[-1, 0, 0, 63], [0, -1, 0, 63], [0, 0, 1, 0], [0, 0, 0, 1]])
     path = str(tmp_path / "lps.nii.gz")
@@ -229,7 +224,7 @@ def test_resampling_keeps_the_extent(scan):
 
 def test_cli_writes_readable_pair_folders(tmp_path):
     out = tmp_path / "synth"
-    code = cli.main(["synth", "--ct", CROP, "--out", str(out), "--pairs-per-scan", "2",
+    code = cli.main(["synth", "--ct", CT_CROP, "--out", str(out), "--pairs-per-scan", "2",
                      "--spacing", "3", "--amplitude", "20", "--seed", "1"])
     assert code == 0
     assert sorted(os.listdir(out)) == ["ct_crop_0", "ct_crop_1"]
@@ -250,7 +245,7 @@ def test_cli_writes_readable_pair_folders(tmp_path):
 def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys):
     out = tmp_path / "synth"
     assert cli.main(["synth", "--ct", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2
-    assert cli.main(["synth", "--ct", CROP, "--out", str(out), "--pairs-per-scan", "0"]) == 2
+    assert cli.main(["synth", "--ct", CT_CROP, "--out", str(out), "--pairs-per-scan", "0"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "missing.nii.gz" in errors[0] and "--pairs-per-scan" in errors[1]
     assert not out.exists()

@@ -379,7 +379,7 @@ def _coarsest_level(images, shapes, config, bar):
     starts = {"zero": images}
     if images["initial"] is not None:
         starts = {"initial": images, "zero": dict(images, initial=None)}
-    runs = {}
+    runs: dict[str, tuple] = {}
     for name, inputs in starts.items():
         level, increments = _prepare_level(inputs, shapes[index], _zero_delta(inputs, shapes[index]))
         control, seen = _run_level(level, shapes[index], config, index, bar if not runs else None)
