@@ -85,6 +85,8 @@ def test_unknown_keys_are_named_with_the_nearest_known_one(tmp_path, path, value
      "training.geometric.crop_fraction: expected a number in [0.05, 1.0], got 2.0"),
     ("training.motion", {"pure_shift": -0.5},
      "training.motion.pure_shift: expected a number in [0, 1], got -0.5"),
+    ("training.motion", {"anatomy_mm": -1},
+     "training.motion.anatomy_mm: expected a number >= 0, got -1"),
     ("output", ["a"], 'output: expected a string, got ["a"]'),
     ("model.shape", [30, 30, 30],  # the model's own check
      "model: shape: every spatial size must be a positive multiple of 4"),  # the model's own check

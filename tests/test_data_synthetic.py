@@ -201,6 +201,25 @@ def test_random_motion_draws_both_directions_small_motion_and_shifts():
     assert np.abs(shifts).max() <= 8.0 and np.abs(shifts).max() > 7.0
 
 
+def test_a_varied_anatomy_is_another_chest_and_pairs_are_made_from_it(anatomy):
+    """``anatomy_mm`` reshapes the scan before each draw: the fixed image is no longer the scan
+    (plus noise), the variant still has two lungs, and one seed gives one variant."""
+    varied = synthetic.varied_anatomy(anatomy, np.random.default_rng(1), 10.0)
+    again = synthetic.varied_anatomy(anatomy, np.random.default_rng(1), 10.0)
+    np.testing.assert_array_equal(varied.image, again.image)
+    assert varied.image.shape == anatomy.image.shape
+    assert np.abs(varied.image - anatomy.image).mean() > 30.0  # HU: visibly another shape
+    assert set(np.unique(varied.labels)) == {0, 1, 2}
+    assert 0.7 < varied.lungs.sum() / anatomy.lungs.sum() < 1.3
+    quiet = dict(noise_hu=(0.0, 0.0), pure_shift=1.0, shift_mm=0.0)  # no noise, no motion
+    same, _ = synthetic.random_pair(anatomy, np.random.default_rng(2), synthetic.RandomMotion(**quiet))
+    other, _ = synthetic.random_pair(anatomy, np.random.default_rng(2),
+                                     synthetic.RandomMotion(anatomy_mm=10.0, **quiet))
+    np.testing.assert_allclose(same["fixed"], anatomy.image, atol=1e-3)
+    assert np.abs(other["fixed"] - anatomy.image).mean() > 30.0
+    np.testing.assert_allclose(other["moving"], other["fixed"], atol=1e-2)  # still no motion
+
+
 # --- reading and writing ----------------------------------------------------------------------
 
 

@@ -170,6 +170,7 @@ GEOMETRIC = {  # pipeline.augment_geometry's options
 MOTION = {  # synthetic.RandomMotion's fields
     "amplitude_mm": _number(low=0), "shift_mm": _number(low=0), "pure_shift": _number(low=0, high=1),
     "noise_hu": _list(_number(low=0), 2, "[low, high] noise standard deviations in HU"),
+    "anatomy_mm": _number(low=0),
 }
 TRAINING = {
     "epochs_per_level": _epochs, "init": _choice(INITS), "learning_rate": _number(positive=True),
