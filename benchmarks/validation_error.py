@@ -6,11 +6,11 @@
 
 The config's validation pairs (a folder with ground-truth displacements) are run through the
 model at ``--level`` with the checkpoint's weights (default: the newest checkpoint of that
-level, or the finished stage's file), and ``mean |u - u_true|²`` (mm², the training's supervised term) is printed per pair
-and on average, beside what a zero field scores. ``--recalibrate N`` then re-estimates the
-active level's batch-normalisation statistics as the plain average over N training draws and
-scores again: whether noisy running statistics (batch size 1, momentum 0.9) explain a poor
-validation error.
+level, or the finished stage's file), and ``mean |u - u_true|²`` (mm², the training's
+supervised term) is printed per pair and on average, beside what a zero field scores.
+``--recalibrate N`` then re-estimates the active level's batch-normalisation statistics as the
+plain average over N training draws and scores again: whether noisy running statistics (batch
+size 1, momentum 0.9) explain a poor validation error.
 """
 
 import argparse
