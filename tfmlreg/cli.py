@@ -46,7 +46,6 @@ _LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
