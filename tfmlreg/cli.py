@@ -38,11 +38,10 @@ from __future__ import annotations
 import os
 
 # TensorFlow reads these when it is imported, which happens only after the arguments are parsed.
-# C++ log level: 2 (no INFO/WARNING lines) with --debug, else 3 (main() sets it): loading each
+# C++ log level: 3 unless --debug (main() sets it, whatever the environment says): loading each
 # cached XLA executable logs two ERROR lines that ask nothing of the user (a text-format parse
-# tried first, a CPU-feature comparison over tuning flags), and a real failure still reaches
-# the user as the Python exception's message.
-_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+# tried first, a CPU-feature comparison over tuning flags), and a real failure still reaches the
+# user as the Python exception's message. With --debug: the environment's level, or 2.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -392,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     _show_tensorflow_logs = debug
-    if not _LOG_LEVEL_GIVEN:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if debug else "3"
+    if not debug:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     compilation_cache.enable()  # before TensorFlow is imported: compiled steps kept across runs
     previous = _on_signal(signal.SIGTERM, _raise_terminated)
     previous_interrupt = _on_signal(signal.SIGINT, _raise_interrupted)
