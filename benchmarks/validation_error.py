@@ -2,15 +2,17 @@
 
     python benchmarks/validation_error.py training/chest_ct_registration.json
         [--checkpoint runs/chest_ct_registration/checkpoints/level3.epoch70.weights.h5]
-        [--level 3] [--recalibrate 60]
+        [--level 3] [--recalibrate 60] [--pairs runs/val_lidc_body]
 
 The config's validation pairs (a folder with ground-truth displacements) are run through the
 model at ``--level`` with the checkpoint's weights (default: the newest checkpoint of that
 level, or the finished stage's file), and ``mean |u - u_true|²`` (mm², the training's
 supervised term) is printed per pair and on average, beside what a zero field scores.
+``--checkpoint`` may also be a trained ``.keras`` model of the same architecture.
 ``--recalibrate N`` then re-estimates the active level's batch-normalisation statistics as the
 plain average over N training draws and scores again: whether noisy running statistics (batch
-size 1, momentum 0.9) explain a poor validation error.
+size 1, momentum 0.9) explain a poor validation error. ``--pairs DIR`` scores another folder of
+pairs instead of the config's validation data.
 """
 
 import argparse
@@ -54,6 +56,7 @@ def main():
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--level", type=int, default=3)
     parser.add_argument("--recalibrate", type=int, default=0)
+    parser.add_argument("--pairs", default=None, help="a folder of pairs (default: the config's)")
     args = parser.parse_args()
     from tfmlreg import experiment
 
@@ -61,15 +64,18 @@ def main():
     model = experiment.build_model(config["model"])
     model.set_active_level(args.level)
     training = config["training"]
-    validation = experiment.dataset(config["data"]["validation"], config["output"], "validation",
-                                    model, training, shuffle=False)
+    validation = experiment.dataset(args.pairs or config["data"]["validation"], config["output"],
+                                    "validation", model, training, shuffle=False)
     folder = experiment.paths(config)["checkpoints"]
     checkpoint = args.checkpoint or max(  # a finished stage's file or its newest epoch
         glob.glob(os.path.join(folder, f"level{args.level}.weights.h5"))
         + glob.glob(os.path.join(folder, f"level{args.level}.epoch*.weights.h5")),
         key=os.path.getmtime)
     model(next(iter(validation)))  # build
-    model.load_weights(checkpoint)
+    if checkpoint.endswith(".keras"):  # a trained model, e.g. saved_models/chest_ct/model.keras
+        experiment.load_initial_weights(model, checkpoint)
+    else:
+        model.load_weights(checkpoint)
     print(f"{checkpoint}, level {args.level}")
     for name, values in [("zero field", errors(model, validation, args.level, zero=True)),
                          ("network", errors(model, validation, args.level))]:

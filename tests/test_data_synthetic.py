@@ -254,6 +254,16 @@ def test_cli_writes_readable_pair_folders(tmp_path):
     # what was written is the ground truth: landmarks and images agree with u after reading
     expected = loaded["fixed_landmarks"] + sample(u, loaded["fixed_landmarks"], spacing)
     np.testing.assert_allclose(loaded["moving_landmarks"], expected, atol=0.01)
+
+    # --crop-body: a scan with 10 voxels (30 mm) of air around it comes back cropped to its body
+    image = nib.load(CT_CROP)
+    padded = np.pad(np.asarray(image.dataobj), 10, constant_values=-1000)
+    nib.save(nib.Nifti1Image(padded, image.affine), str(tmp_path / "padded.nii.gz"))
+    cropped = tmp_path / "cropped"
+    assert cli.main(["synth", "--ct", str(tmp_path / "padded.nii.gz"), "--out", str(cropped),
+                     "--spacing", "3", "--amplitude", "20", "--crop-body", "5"]) == 0
+    shape = io.load_pair(str(cropped / "padded_0"))["fixed"].shape
+    assert np.all(np.array(shape) < np.array(padded.shape) - 10), shape
     lungs = loaded["fixed_labels"] > 0
     before = np.abs(loaded["fixed"] - loaded["moving"])[lungs].mean()
     after = np.abs(loaded["fixed"] - warp(loaded["moving"], u, spacing))[lungs].mean()
@@ -265,8 +275,10 @@ def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys):
     out = tmp_path / "synth"
     assert cli.main(["synth", "--ct", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2
     assert cli.main(["synth", "--ct", CT_CROP, "--out", str(out), "--pairs-per-scan", "0"]) == 2
+    assert cli.main(["synth", "--ct", CT_CROP, "--out", str(out), "--crop-body", "-1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "missing.nii.gz" in errors[0] and "--pairs-per-scan" in errors[1]
+    assert len(errors) == 3 and "missing.nii.gz" in errors[0] and "--pairs-per-scan" in errors[1]
+    assert "--crop-body: expected a margin >= 0 mm" in errors[2]
     assert not out.exists()
 
 

@@ -220,7 +220,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     commands = _load("tfmlreg.commands")
     written = commands.synth(args.ct, args.out, args.pairs_per_scan, spacing_mm=args.spacing,
                              amplitude_mm=args.amplitude, min_amplitude_mm=args.min_amplitude,
-                             direction=args.direction, seed=args.seed, overwrite=args.overwrite)
+                             direction=args.direction, seed=args.seed,
+                             crop_body_mm=args.crop_body, overwrite=args.overwrite)
     print(f"wrote {len(written)} synthetic breathing pair(s) to {args.out}")
 
 
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--direction", choices=("random", "exhale", "inhale"), default="random",
                        help="the moving image's breathing state against the scan (default random)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--crop-body", type=float, default=None, metavar="MM",
+                       help="crop each scan to its body plus this margin first, as a training "
+                            "config's scans.crop_body_mm (default: the whole scan)")
 
     export = command("export", cmd_export, "export a trained model for TF Serving, ONNX or TF-TRT",
                      "tfmlreg export --model runs/demo/model.keras --out saved_models/mine --version 2\n"
@@ -458,7 +462,7 @@ def _environment_errors() -> tuple[type[Exception], ...]:
 ARGUMENT_FLAGS = {"dirlab_case": "--dirlab-case", "target_spacing": "--spacing",
                   "model_name": "--model-name", "pairs_per_scan": "--pairs-per-scan",
                   "min_amplitude_mm": "--min-amplitude", "amplitude_mm": "--amplitude",
-                  "spacing_mm": "--spacing"}
+                  "spacing_mm": "--spacing", "crop_body_mm": "--crop-body"}
 # * these only as the names a message starts with ("out: ...", "shape/spacing: ..."): as plain
 #   words they would be read in every sentence (not label and landmark files either: their
 #   errors name the files, e.g. fixed_landmarks.txt);

@@ -137,10 +137,13 @@ def phantom(out: PathLike, cases: int = 1, shape: Shape = (96, 96, 96),
 
 def synth(ct: Sequence[PathLike], out: PathLike, pairs_per_scan: int = 1, spacing_mm: float = 2.0,
           amplitude_mm: float = 30.0, min_amplitude_mm: float | None = None,
-          direction: str = "random", seed: int = 0, overwrite: bool = False) -> list[str]:
+          direction: str = "random", seed: int = 0, crop_body_mm: float | None = None,
+          overwrite: bool = False) -> list[str]:
     """Write synthetic breathing pairs made from the CT files ``ct`` into ``out``
     (:func:`tfmlreg.data.synthetic.write_pairs`; ``min_amplitude_mm`` defaults to half of
     ``amplitude_mm``); returns the pair folders written."""
+    if crop_body_mm is not None and crop_body_mm < 0:
+        raise DataError(f"crop_body_mm: expected a margin >= 0 mm, got {crop_body_mm:g}")
     if pairs_per_scan < 1:
         raise DataError(f"pairs_per_scan: expected at least 1, got {pairs_per_scan}")
     low = amplitude_mm / 2.0 if min_amplitude_mm is None else min_amplitude_mm
@@ -155,7 +158,7 @@ def synth(ct: Sequence[PathLike], out: PathLike, pairs_per_scan: int = 1, spacin
     with output.staged(out, overwrite, OUT) as staging:
         return synthetic.write_pairs(ct, staging, pairs_per_scan, spacing_mm=spacing_mm,
                                      amplitude_mm=amplitude_mm, min_amplitude_mm=low,
-                                     direction=direction, seed=seed)
+                                     direction=direction, seed=seed, crop_body_mm=crop_body_mm)
 
 
 def export(model: PathLike, out: PathLike, format: str = "savedmodel", version: int = 1,

@@ -730,8 +730,11 @@ def _jsonable(seed: int | list[int] | tuple[int, ...]) -> int | list[int]:
 def write_pairs(ct_paths: Iterable[PathLike], out_dir: PathLike, pairs_per_scan: int = 1,
                 spacing_mm: Spacing | None = 2.0, amplitude_mm: float = 30.0,
                 min_amplitude_mm: float | None = None, direction: str = "random", seed: int = 0,
-                n_landmarks: int = 300) -> list[str]:
+                n_landmarks: int = 300, crop_body_mm: float | None = None) -> list[str]:
     """Write ``out_dir/<scan>_<k>/`` pair folders, ``pairs_per_scan`` per CT; returns their names.
+
+    ``crop_body_mm``: each scan is first cropped to its body plus this margin (as a training
+    config's ``scans.crop_body_mm`` does), so validation pairs cover what training draws cover.
 
     Each pair draws its amplitude uniformly from ``[min_amplitude_mm, amplitude_mm]`` (default
     ``min_amplitude_mm = amplitude_mm / 2``) and, with ``direction="random"``, its direction. The
@@ -746,7 +749,7 @@ def write_pairs(ct_paths: Iterable[PathLike], out_dir: PathLike, pairs_per_scan:
     os.makedirs(out_dir, exist_ok=True)
     names = []
     for path in ct_paths:
-        scan = load_scan(path, spacing_mm)
+        scan = load_scan(path, spacing_mm, crop_body_mm)
         anatomy = analyse(scan["image"], scan["spacing"], name=path)
         for k in range(int(pairs_per_scan)):
             pair_seed = [int(seed), zlib.crc32(scan["name"].encode()), k]
