@@ -220,6 +220,14 @@ def test_a_varied_anatomy_is_another_chest_and_pairs_are_made_from_it(anatomy):
     np.testing.assert_allclose(other["moving"], other["fixed"], atol=1e-2)  # still no motion
 
 
+def test_a_variant_without_lungs_falls_back_to_the_scan(anatomy, monkeypatch):
+    def no_lungs(*args, **kwargs):
+        raise io.DataError("varied anatomy: no lungs found")
+
+    monkeypatch.setattr(synthetic, "analyse", no_lungs)
+    assert synthetic.varied_anatomy(anatomy, np.random.default_rng(1), 10.0) is anatomy
+
+
 # --- reading and writing ----------------------------------------------------------------------
 
 

@@ -648,17 +648,19 @@ class RandomMotion:
 def varied_anatomy(anatomy: Anatomy, rng: np.random.Generator, amplitude_mm: float) -> Anatomy:
     """The scan reshaped by a random smooth field (each component's standard deviation about
     ``amplitude_mm``, control points 80 mm apart) and analysed again: another plausible chest.
+    A variant whose lungs the analysis cannot find gives the scan itself (a draw, not an error).
 
-    Why: a network trained on a few scans that are always the fixed image learns those fixed
-    images and reads the motion off the moving one alone. With 4 training CTs the supervised
-    error on their pairs fell 137 -> 32 mm² in 100 epochs on level 3 while on pairs of a held-out
-    scan it rose 17 -> 30 mm² (no motion: 29.5): ``training/chest_ct_registration.json``'s log.
+    Why: a network trained on a few scans that are always the fixed image learns those images
+    and reads the motion off the moving one alone (DESIGN.md section 6 has the figures).
     """
     shape, spacing = anatomy.image.shape, anatomy.spacing
     field = amplitude_mm * _smooth_noise(shape, spacing, rng, control_mm=80.0)
     points = geometry.grid_points_numpy(shape, spacing, np.float32) + field
     image = _sample(anatomy.image, points, spacing)  # beyond the FOV: the border continues
-    return analyse(image, spacing, name="varied anatomy")
+    try:
+        return analyse(image, spacing, name="varied anatomy")
+    except io.DataError:
+        return anatomy
 
 
 def random_pair(anatomy: Anatomy, rng: np.random.Generator, motion: RandomMotion = RandomMotion(),
