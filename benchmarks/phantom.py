@@ -43,10 +43,11 @@ LARGE_DIR = os.path.join(ROOT, "runs", "benchmark", "phantoms", "test_40mm")
 DOCS = os.path.join(ROOT, "docs")
 
 
-def train_arms():
-    """``{arm: (predictor, training seconds or None when reused)}``."""
+def train_arms(arm_configs=ARMS):
+    """``{arm: (predictor, training seconds or None when reused)}`` for ``{arm: config file in
+    training/}``; an arm whose ``model.keras`` exists is reused."""
     arms = {}
-    for arm, config_file in ARMS.items():
+    for arm, config_file in arm_configs.items():
         config = experiment.load_config(os.path.join(CONFIGS, config_file))
         path = os.path.join(config["output"], "model.keras")
         seconds = None

@@ -75,6 +75,15 @@ def test_register_writes_full_resolution_outputs(phantoms, saved_model, workspac
     assert set(metrics["registered"]) >= {"tre_mean", "tre_snapped_mean", "dice_mean", "folding", "seconds"}
 
 
+def test_register_without_figures_writes_everything_else(phantoms, saved_model, workspace, capsys):
+    case = io.list_pairs(str(phantoms))[0]
+    out = workspace / "no_figures"
+    assert main(["register", "--fixed", f"{case}/fixed.nii.gz", "--moving", f"{case}/moving.nii.gz",
+                 "--model", saved_model, "--out", str(out), "--no-refine", "--no-figures"]) == 0
+    assert sorted(os.listdir(out)) == ["displacement.nii.gz", "jacobian_determinant.nii.gz",
+                                       "metrics.json", "warped.nii.gz"]
+
+
 def test_demo_reports_metrics_and_writes_outputs(saved_model, workspace, capsys):
     out = workspace / "demo"
     assert main(["demo", "--model", saved_model, "--out", str(out), *PHANTOM]) == 0

@@ -136,7 +136,7 @@ def cmd_register(args: argparse.Namespace) -> None:
         refine=_refine_config(args), fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
-        overwrite=args.overwrite, progress=sys.stderr.isatty())
+        overwrite=args.overwrite, progress=sys.stderr.isatty(), figures=not args.no_figures)
     print(json.dumps(summary, indent=2))
     times = summary["registered"]
     print(f"network {times['seconds_network']:.2f} s, refinement "
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--moving-labels", help="moving label map (NIfTI)")
     register.add_argument("--fixed-landmarks", help="fixed landmarks (DIR-LAB txt: 1-based voxel x y z)")
     register.add_argument("--moving-landmarks", help="moving landmarks (DIR-LAB txt)")
+    register.add_argument("--no-figures", action="store_true",
+                          help="skip the overlay figure (saves about a second)")
     add_precision_option(register)
     add_refine_options(register)
 

@@ -73,7 +73,8 @@ def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike |
              refine: RefineConfig | None = None, fixed_labels: PathLike | None = None,
              moving_labels: PathLike | None = None, fixed_landmarks: PathLike | None = None,
              moving_landmarks: PathLike | None = None, dirlab_case: int | None = None,
-             overwrite: bool = False, progress: bool = False) -> dict[str, dict[str, Any]]:
+             overwrite: bool = False, progress: bool = False,
+             figures: bool = True) -> dict[str, dict[str, Any]]:
     """Register the image file ``moving`` to ``fixed`` with ``model`` (see
     :func:`tfmlreg.inference.load_predictor`; or, with ``server``, the model ``model_name``
     served there on grid ``shape``, and ``model`` is not used), then ``refine``; write the
@@ -92,7 +93,8 @@ def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike |
                           moving_landmarks, dirlab_case)
         predictor = load_predictor(model, precision, server=server, shape=shape,
                                    model_name=model_name)
-        return register_and_write(predictor, pair, staging, refine, progress=progress)
+        return register_and_write(predictor, pair, staging, refine, progress=progress,
+                                  figures=figures)
 
 
 def evaluate(data: PathLike, out: PathLike, model: PathLike | None = None,
@@ -246,12 +248,12 @@ def load_files(fixed: PathLike, moving: PathLike, fixed_labels: PathLike | None 
 
 
 def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out_dir: PathLike,
-                       refine: RefineConfig | None = None,
-                       progress: bool = False) -> dict[str, dict[str, Any]]:
+                       refine: RefineConfig | None = None, progress: bool = False,
+                       figures: bool = True) -> dict[str, dict[str, Any]]:
     """Register (the network, then the refinement ``refine``, a RefineConfig or None), then write
-    the warped image, the displacement (mm), the Jacobian determinant, metrics.json and an overlay
-    figure into the folder ``out_dir``; returns the metrics summary (with the time of each part).
-    Raises :class:`RegistrationFailed` (nothing written) if the result is not finite."""
+    the warped image, the displacement (mm), the Jacobian determinant, metrics.json and (with
+    ``figures``) an overlay figure into the folder ``out_dir``; returns the metrics summary (with
+    the time of each part). Raises :class:`RegistrationFailed` (nothing written) if the result is not finite."""
     result = _register(predictor, pair, refine, progress)
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
     affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
@@ -264,8 +266,9 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
-                 result["displacement"])
+    if figures:  # about 1 s of a register call (docs/REFINEMENT.md)
+        save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
+                     result["displacement"])
     return summary
 
 
