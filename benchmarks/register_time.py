@@ -7,12 +7,14 @@
 The CT is resampled to ``--spacing`` mm and a box of ``--size`` voxels around the centre of its
 lungs is cut out; a 25 mm synthetic breathing pair (exhale) of it is written as NIfTI. Then, in
 turn and ``--repeats`` times: ``tfmlreg register`` as a user runs it (a new process, TensorFlow
-start-up, reading, network, refinement, writing every output), and elastix B-spline in this
+start-up, reading, network, refinement, writing every output; JAX hidden, as a user install has
+none: see :func:`tensorflow_start_up`), and elastix B-spline in this
 process on the same arrays (its wall time, reading excluded). The command's persistent XLA cache
 (``tfmlreg.compilation_cache``) starts empty in a temporary folder: run 0 compiles every step,
 later runs load them (so would any pair of the same grid shapes). Prints each wall time,
 the network's and the refinement's own seconds (from ``metrics.json``), the medians over the
-runs after the first, and what a bare ``python -c "import tensorflow"`` takes here.
+runs after the first, and what a bare ``python -c "import tensorflow"`` takes here (with and
+without JAX importable: see :func:`tensorflow_start_up`).
 """
 
 import argparse
@@ -52,9 +54,15 @@ def write_pair(image, spacing, folder):
     return pair
 
 
+# `tfmlreg register` as a user install runs it: without JAX, which this project's test environment
+# has (tests/test_jax_backend.py) and TensorFlow's import then loads (~0.7 s here).
+AS_INSTALLED = ("import sys; sys.modules['jax'] = None; from tfmlreg.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+
+
 def time_register(folder, model, run, options=()):
     out = os.path.join(folder, f"out{run}")
-    command = [sys.executable, "-m", "tfmlreg.cli", "register", "--fixed",
+    command = [sys.executable, "-c", AS_INSTALLED, "register", "--fixed",
                os.path.join(folder, "fixed.nii.gz"), "--moving", os.path.join(folder, "moving.nii.gz"),
                "--out", out, "--model", model, *options]
     environ = dict(os.environ, TFMLREG_XLA_CACHE=os.path.join(folder, "xla"))
@@ -66,10 +74,14 @@ def time_register(folder, model, run, options=()):
     return seconds, metrics["registered"], os.path.join(out, "displacement.nii.gz")
 
 
-def tensorflow_start_up():
-    """Wall seconds of a new Python process that imports TensorFlow and exits."""
+def tensorflow_start_up(hide_jax=False):
+    """Wall seconds of a new Python process that imports TensorFlow and exits. TensorFlow's
+    import tries ``import jax`` (its TF Lite converter) and pays for it where JAX is installed,
+    as in this project's test environment (tests/test_jax_backend.py) but not a user install:
+    ``hide_jax`` makes that import fail at once, as it does without JAX."""
+    code = ("import sys; sys.modules['jax'] = None; " if hide_jax else "") + "import tensorflow"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import tensorflow"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -124,7 +136,8 @@ def main():
           f"{median['refinement']:.1f} s), elastix {median_elastix:.1f} s (all runs); ratio "
           f"{median['register'] / median_elastix:.2f}; empty-cache run 0: {register[0]:.1f} s, "
           f"ratio {register[0] / median_elastix:.2f}")
-    print(f"a bare `python -c \"import tensorflow\"`: {tensorflow_start_up():.1f} s")
+    print(f"a bare `python -c \"import tensorflow\"`: {tensorflow_start_up():.1f} s "
+          f"({tensorflow_start_up(hide_jax=True):.1f} s without JAX importable)")
 
 
 if __name__ == "__main__":
