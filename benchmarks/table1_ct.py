@@ -6,10 +6,12 @@ pretrained finer levels), the network alone, on a held-out real CT with syntheti
 
 1. Trains the three arms ``training/ct_*.json`` (an arm whose ``model.keras`` exists is reused):
    the same data (4 real chest CTs of ``../shared/data/ct/`` with a new synthetic breathing pair
-   of up to 30 mm every draw, each draw's scan reshaped), the paper's loss (NGF + α·curvature +
-   β/2·mask, no supervised term), the same hyper-parameters and 12 epochs in all; single level
-   12 epochs, multilevel 4 per level. Equal epochs, as in the paper: a multilevel arm spends less
-   compute (its coarse stages are cheaper), so its training seconds are printed beside it.
+   of up to 30 mm every draw, each draw's scan reshaped), from scratch, the paper's loss (NGF +
+   α·curvature + β/2·mask) plus the supervised term on the pairs' exact field (γ = 0.02), the
+   same hyper-parameters and 24 epochs in all: single level 24 epochs, multilevel 8 per level.
+   (The paper's loss alone learnt nothing in 12 epochs: docs/benchmarks/table1_ct_unsupervised.md.)
+   Equal epochs, as in the paper: a multilevel arm spends less compute (its coarse stages are
+   cheaper), so its training seconds are printed beside it.
 2. Test cases: the held-out ``lidc-idri-0001`` at 2.5 mm, cropped to its body, with synthetic
    breathing of each of ``--amplitudes`` mm in both directions (as ``benchmarks/refine.py``).
 3. Writes TRE per case (mean (std), the paper's Table 1 layout), the summary (folding, TRE, Dice
