@@ -266,7 +266,7 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    if figures:  # about 1 s of a register call (docs/REFINEMENT.md)
+    if figures:  # about 1 s of a register call (docs/RESULTS.md, the register_time section)
         save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
                      result["displacement"])
     return summary
