@@ -54,10 +54,10 @@ def write_pair(image, spacing, folder):
     return pair
 
 
-# `tfmlreg register` as a user install runs it: without JAX, which this project's test environment
-# has (tests/test_jax_backend.py) and TensorFlow's import then loads (~0.7 s here).
-AS_INSTALLED = ("import sys; sys.modules['jax'] = None; from tfmlreg.cli import main; "
-                "sys.exit(main(sys.argv[1:]))")
+# Makes `import jax` fail at once, as it does in a user install: this project's test environment
+# has JAX (tests/test_jax_backend.py), and TensorFlow's import loads it there (~1 s here).
+HIDE_JAX = "import sys; sys.modules['jax'] = None; "
+AS_INSTALLED = HIDE_JAX + "from tfmlreg.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def time_register(folder, model, run, options=()):
@@ -79,7 +79,7 @@ def tensorflow_start_up(hide_jax=False):
     import tries ``import jax`` (its TF Lite converter) and pays for it where JAX is installed,
     as in this project's test environment (tests/test_jax_backend.py) but not a user install:
     ``hide_jax`` makes that import fail at once, as it does without JAX."""
-    code = ("import sys; sys.modules['jax'] = None; " if hide_jax else "") + "import tensorflow"
+    code = (HIDE_JAX if hide_jax else "") + "import tensorflow"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
