@@ -38,7 +38,11 @@ def pytest_collection_modifyitems(items):
 
 def registration_model(shape, **config):
     """A tiny real model whose flow heads move voxels by a few voxels (fresh heads start near
-    zero, which would make every comparison of displacements and warps trivially pass)."""
+    zero, which would make every comparison of displacements and warps trivially pass).
+
+    Batch-normalised unless ``normalization`` says otherwise: the export folds it into the
+    ``"none"`` topology, which is what every shipped model exports."""
+    config.setdefault("normalization", "batch")
     model = MultilevelRegistration(shape=shape, **config)
     rng = np.random.default_rng(0)
     for weight in model.weights:

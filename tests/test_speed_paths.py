@@ -21,7 +21,8 @@ SHAPE = (16, 16, 16)
 def trained_looking_model(seed=0, **config):
     """A small model whose batch norms have non-trivial statistics and whose flow heads move
     voxels by a few mm (fresh ones are the identity and make every comparison pass)."""
-    model = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2, **config)
+    model = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2,
+                                   **{"normalization": "batch", **config})
     rng = np.random.default_rng(seed)
     values = {"gamma": lambda s: rng.uniform(0.5, 2.0, s), "beta": lambda s: rng.normal(0, 0.3, s),
               "moving_mean": lambda s: rng.normal(0, 0.3, s),
@@ -104,10 +105,13 @@ def test_bfloat16_networks_keep_geometry_and_outputs_float32(model, inputs, expe
     assert np.isfinite(error) and error < 0.05 * np.abs(expected["displacement"]).max()
 
 
-def test_for_inference_needs_a_model_with_batchnorm(model):
+def test_an_inference_copy_takes_weights_only_from_a_model_they_fit(model):
     folded = model.for_inference()
-    with pytest.raises(ValueError, match="source: expected a model with batch normalisation"):
-        folded.load_folded(folded)
+    assert folded.normalization == "none"
+    instance = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2,
+                                      normalization="instance")
+    with pytest.raises(ValueError, match="'instance'-normalised model cannot give a 'none' copy"):
+        folded.load_inference_weights(instance)
     with pytest.raises(ValueError, match="precision: expected one of"):
         MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2, precision="int8")
 

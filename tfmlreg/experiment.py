@@ -57,6 +57,8 @@ from tfmlreg.training import INITS, StageCSVLogger, fit_progressive
 RUN_RECORD = "run.json"
 PHANTOM_RECORD = "phantoms.json"
 NOT_COMPARED = ("description",)  # keys a rerun may change freely
+# model keys added since the first records, with the value every earlier run had
+LEGACY_MODEL_DEFAULTS = {"normalization": "batch"}
 
 
 # --- value checks: each returns the value or raises _Invalid(what was expected) -------------------
@@ -162,6 +164,7 @@ MODEL = {
     "intensity_window": _list(_number(), 2, "[low, high] in HU"),
     "alpha": _number(low=0), "beta": _number(low=0), "epsilon": _number(positive=True),
     "gamma": _number(low=0), "batchnorm_momentum": _number(low=0, high=1),
+    "normalization": _choice(("batch", "instance", "none")),
 }
 GEOMETRIC = {  # pipeline.augment_geometry's options
     "flips": _boolean, "permutations": _boolean, "swaps": _boolean, "shift_mm": _number(low=0),
@@ -297,13 +300,19 @@ def _flatten(value, prefix=""):
 
 def config_changes(old, new):
     """``["training.epochs_per_level: 1 -> 2", ...]``: what differs between two configs."""
-    old, new = _flatten(_comparable(old)), _flatten(_comparable(new))
+    old, new = (_flatten(_comparable(_with_legacy_defaults(config))) for config in (old, new))
 
     def shown(flat, key):
         return json.dumps(flat[key]) if key in flat else "(unset)"
 
     return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(set(old) | set(new))
             if key not in old or key not in new or old[key] != new[key]]
+
+
+def _with_legacy_defaults(config):
+    if "model" not in config:
+        return config
+    return {**config, "model": {**LEGACY_MODEL_DEFAULTS, **config["model"]}}
 
 
 def _check_record(config):
@@ -490,8 +499,11 @@ def _train(model, config, verbose):
 
 def load_initial_weights(model, path):
     """Every level's network weights from the trained ``.keras`` model at ``path`` (fine-tuning);
-    the architectures must match."""
+    the architectures must match, the normalisation may differ (a batch normalisation's scale
+    and offset start an instance normalisation: :func:`tfmlreg.networks.copy_weights`)."""
     import keras
+
+    from tfmlreg.networks import copy_weights
 
     source = keras.models.load_model(path, compile=False)
     if getattr(source, "levels", None) != model.levels:
@@ -499,7 +511,7 @@ def load_initial_weights(model, path):
                         f"{model.levels} levels, got {getattr(source, 'levels', type(source).__name__)}")
     for level in range(1, model.levels + 1):
         try:
-            model.net(level).set_weights(source.net(level).get_weights())
+            copy_weights(source.net(level), model.net(level))
         except ValueError as error:
             raise DataError(f"training.initial_model: {path}: level {level}'s network does not "
                             f"match the config's model ({str(error).splitlines()[0]})") from None

@@ -56,9 +56,9 @@ TF_TRT_MISSING = (
 
 
 def inference_form(model: keras.Model) -> keras.Model:
-    """``model`` with batch normalisation folded, in float32, when it can make one
+    """``model``'s inference copy in float32 (a batch normalisation folded), when it can make one
     (:meth:`~tfmlreg.model.MultilevelRegistration.for_inference`); otherwise ``model`` itself."""
-    if getattr(model, "batchnorm", False) and hasattr(model, "for_inference"):
+    if hasattr(model, "for_inference"):
         return model.for_inference("float32")
     return model
 

@@ -11,7 +11,7 @@ A predictor (:class:`Predictor`) is a callable ``(fixed, moving, spacing) -> {"d
 layout), a ``.keras`` file, or a TF Serving address; :func:`load_model` gives the Keras model
 itself (for exporting or fine-tuning), with the same checks and errors.
 
-Precision: local Keras models run in the inference form (batch normalisation folded) with the
+Precision: local Keras models run in the inference form (a batch normalisation folded) with the
 U-Nets in ``precision`` (:func:`resolve_precision`; ``"auto"``: bfloat16 on CPUs with native
 bfloat16, float16 on GPUs, else float32); geometry and outputs stay float32. An exported
 SavedModel is float32 as written, so a reduced precision runs the ``model.keras`` shipped beside
@@ -125,7 +125,7 @@ class KerasPredictor:
         self.precision = resolve_precision(precision)
         self._follow = not isinstance(path_or_model, (str, os.PathLike))
         self.inference = model
-        if getattr(model, "batchnorm", False) and hasattr(model, "for_inference"):
+        if hasattr(model, "for_inference"):
             self.inference = model.for_inference(self.precision)
         else:
             self._follow = False
@@ -134,7 +134,7 @@ class KerasPredictor:
 
     def __call__(self, fixed: ArrayLike, moving: ArrayLike, spacing: ArrayLike) -> dict[str, Array]:
         if self._follow:
-            self.inference.load_folded(self.model)
+            self.inference.load_inference_weights(self.model)
         outputs = self._predict({"fixed": fixed, "moving": moving, "spacing": spacing})
         return {name: outputs[name].numpy() for name in OUTPUTS}
 

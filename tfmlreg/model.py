@@ -15,8 +15,8 @@ whole deformation ``y``, not only the level's increment).
 
 The geometry steps (warp, compose, prolongation) are the XLA-compiled ones of
 :mod:`tfmlreg.layers` on the TensorFlow backend; the U-Nets run on oneDNN. For inference and
-export, :meth:`MultilevelRegistration.for_inference` gives a copy with the batch normalisation
-folded into the convolutions and the networks in a chosen precision (geometry stays float32).
+export, :meth:`MultilevelRegistration.for_inference` gives a copy with the networks in a chosen
+precision (geometry stays float32) and a batch normalisation folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from keras import ops
 from tfmlreg import geometry, layers, losses
 from tfmlreg.ct import HU_WINDOW as DEFAULT_WINDOW  # the model's default (refinement's too)
 from tfmlreg.layers import IntensityWindow, serializable
-from tfmlreg.networks import BATCHNORM_MOMENTUM, fold_batchnorm, required_divisor, unet
+from tfmlreg.networks import BATCHNORM_MOMENTUM, copy_weights, required_divisor, unet
 from tfmlreg.types import Shape, Tensor
 
 LOSS_TERMS = ("ngf", "curvature", "mask", "supervised")
@@ -59,8 +59,10 @@ class MultilevelRegistration(keras.Model):
     in far fewer steps (as RegNet trains on synthetic motion), and NGF keeps the images aligned.
 
     ``precision`` (None: the global policy, or ``"float32"``, ``"bfloat16"``, ``"float16"``) is
-    the U-Nets' compute precision; ``batchnorm=False`` builds them without normalisation layers
-    (the folded inference topology, made by :meth:`for_inference`, not for training).
+    the U-Nets' compute precision. ``normalization`` is the U-Nets' (:mod:`tfmlreg.networks`:
+    ``"instance"``, ``"batch"`` or ``"none"``); :meth:`for_inference` folds a batch
+    normalisation into a ``"none"`` copy. A saved config from before ``normalization`` existed
+    (it has ``batchnorm``) loads as it was: ``"batch"``, or ``"none"`` for a folded copy.
     """
 
     def __init__(self, shape: Shape, levels: int = 3, base_filters: int = 16, depth: int = 3,
@@ -68,12 +70,16 @@ class MultilevelRegistration(keras.Model):
                  intensity_window: Sequence[float] = DEFAULT_WINDOW, alpha: float = 1.0,
                  beta: float = 1.0, epsilon: float = 0.01, gamma: float = 0.0,
                  batchnorm_momentum: float = BATCHNORM_MOMENTUM, active_level: int = 1,
-                 precision: str | None = None, batchnorm: bool = True, **kwargs: Any) -> None:
+                 precision: str | None = None, normalization: str = "instance",
+                 **kwargs: Any) -> None:
         trainable_levels = kwargs.pop("trainable_levels", None)  # as get_config saved them
+        legacy_batchnorm = kwargs.pop("batchnorm", None)  # configs written before normalization
+        if legacy_batchnorm is not None:
+            normalization = "batch" if legacy_batchnorm else "none"
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of float32, bfloat16, float16, got {precision!r}")
-        self.precision, self.batchnorm = precision, bool(batchnorm)
+        self.precision, self.normalization = precision, normalization
         self.shape = geometry.check_divisible(
             shape, 2 ** (levels - 1) * required_divisor(depth), "shape"
         )
@@ -88,7 +94,7 @@ class MultilevelRegistration(keras.Model):
         self.nets = [
             unet(geometry.level_shape(self.shape, level) + (2,), base_filters, depth,
                  convs_per_block, batchnorm_momentum=self.batchnorm_momentum,
-                 name=f"unet_level{level}", batchnorm=self.batchnorm,
+                 name=f"unet_level{level}", normalization=self.normalization,
                  dtype=PRECISIONS[precision])
             for level in range(1, self.levels + 1)
         ]
@@ -126,20 +132,25 @@ class MultilevelRegistration(keras.Model):
     # --- inference ----------------------------------------------------------------------------
 
     def for_inference(self, precision: str | None = "float32") -> MultilevelRegistration:
-        """A copy for inference and export: batch normalisation folded into the convolutions
-        (the same output to float32 rounding), the U-Nets in ``precision``; see
-        :meth:`load_folded`."""
-        config = {**self.get_config(), "precision": precision, "batchnorm": False}
+        """A copy for inference and export: the U-Nets in ``precision``, a batch normalisation
+        folded into the convolutions (the same output to float32 rounding); see
+        :meth:`load_inference_weights`."""
+        folds = {"batch": "none"}  # normalisation -> the inference copy's
+        config = {**self.get_config(), "precision": precision,
+                  "normalization": folds.get(self.normalization, self.normalization)}
         config.pop("name", None)
         copy = MultilevelRegistration(**config)
-        return copy.load_folded(self)
+        return copy.load_inference_weights(self)
 
-    def load_folded(self, source: MultilevelRegistration) -> MultilevelRegistration:
-        """Set this folded copy's weights from ``source`` (a model with batch normalisation)."""
-        if self.batchnorm or not source.batchnorm:
-            raise ValueError("source: expected a model with batch normalisation, self a folded copy")
+    def load_inference_weights(self, source: MultilevelRegistration) -> MultilevelRegistration:
+        """Set this inference copy's weights from ``source``, the trainable model it was made
+        from (:func:`tfmlreg.networks.copy_weights`: folded when this copy is)."""
+        if source.normalization not in (self.normalization, "batch") or (
+                source.normalization == "batch" and self.normalization != "none"):
+            raise ValueError(f"source: a {source.normalization!r}-normalised model cannot give "
+                             f"a {self.normalization!r} copy its weights")
         for mine, theirs in zip(self.nets, source.nets):
-            fold_batchnorm(theirs, mine)
+            copy_weights(theirs, mine)
         return self
 
     # --- forward ------------------------------------------------------------------------------
@@ -242,5 +253,5 @@ class MultilevelRegistration(keras.Model):
             "intensity_window": self.normalise.window, "alpha": self.alpha, "beta": self.beta,
             "epsilon": self.epsilon, "gamma": self.gamma, "active_level": self.active_level,
             "trainable_levels": [i for i, net in enumerate(self.nets, start=1) if net.trainable],
-            "precision": self.precision, "batchnorm": self.batchnorm,
+            "precision": self.precision, "normalization": self.normalization,
         }

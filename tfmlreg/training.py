@@ -99,7 +99,8 @@ def fit_progressive(model: MultilevelRegistration, train_data: Any,
                 validation_data=validation_data, callbacks=stage_callbacks, verbose=verbose,
                 **fit_kwargs,
             )
-            recalibrate_batchnorm(model, train_data)
+            if getattr(model, "normalization", "batch") == "batch":
+                recalibrate_batchnorm(model, train_data)
             _save_stage(model, checkpoint_dir, level, done)
             if backup:
                 backup.remove()  # only now: until the stage is recorded, the backup is its state
