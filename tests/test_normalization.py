@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_inputs
+from conftest import random_inputs, trained_looking_weights
 from tfmlreg import experiment, layers
 from tfmlreg.model import MultilevelRegistration
 from tfmlreg.networks import InstanceNormalization, copy_weights, unet
@@ -18,16 +18,7 @@ SHAPE = (16, 16, 16)
 def batch_normalised_net(seed=0):
     """A small batch-normalised U-Net with non-trivial scale, offset and statistics."""
     net = unet(SHAPE + (2,), base_filters=4, depth=2, name="net", normalization="batch")
-    rng = np.random.default_rng(seed)
-    draws = {"gamma": lambda s: rng.uniform(0.5, 2.0, s), "beta": lambda s: rng.normal(0, 0.3, s),
-             "moving_mean": lambda s: rng.normal(0, 0.3, s),
-             "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
-             "flow/kernel": lambda s: rng.normal(0, 0.3, s)}
-    for weight in net.weights:
-        for name, draw in draws.items():
-            if weight.path.endswith(name):
-                weight.assign(draw(weight.shape).astype("float32"))
-    return net
+    return trained_looking_weights(net, seed)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import random_inputs
+from conftest import random_inputs, trained_looking_weights
 from tfmlreg import geometry, inference, layers
 from tfmlreg.data.io import DataError
 from tfmlreg.export import export_saved_model
@@ -23,16 +23,7 @@ def trained_looking_model(seed=0, **config):
     voxels by a few mm (fresh ones are the identity and make every comparison pass)."""
     model = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2,
                                    **{"normalization": "batch", **config})
-    rng = np.random.default_rng(seed)
-    values = {"gamma": lambda s: rng.uniform(0.5, 2.0, s), "beta": lambda s: rng.normal(0, 0.3, s),
-              "moving_mean": lambda s: rng.normal(0, 0.3, s),
-              "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
-              "flow/kernel": lambda s: rng.normal(0, 0.3, s)}
-    for weight in model.weights:
-        for name, draw in values.items():
-            if weight.path.endswith(name):
-                weight.assign(draw(weight.shape).astype("float32"))
-    return model
+    return trained_looking_weights(model, seed)
 
 
 @pytest.fixture(scope="module")
