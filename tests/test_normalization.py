@@ -66,6 +66,8 @@ def test_configs_saved_before_the_option_load_as_they_were_trained():
     old = {key: value for key, value in model.get_config().items() if key != "normalization"}
     assert MultilevelRegistration(**dict(old, batchnorm=True)).normalization == "batch"
     assert MultilevelRegistration(**dict(old, batchnorm=False)).normalization == "none"
+    oldest = {key: value for key, value in old.items() if key != "batchnorm"}  # the demo model's
+    assert MultilevelRegistration.from_config(oldest).normalization == "batch"
     with pytest.raises(ValueError, match="normalization: expected one of batch, instance, none"):
         MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2, normalization="layer")
 

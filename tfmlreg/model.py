@@ -62,7 +62,7 @@ class MultilevelRegistration(keras.Model):
     the U-Nets' compute precision. ``normalization`` is the U-Nets' (:mod:`tfmlreg.networks`:
     ``"instance"``, ``"batch"`` or ``"none"``); :meth:`for_inference` folds a batch
     normalisation into a ``"none"`` copy. A saved config from before ``normalization`` existed
-    (it has ``batchnorm``) loads as it was: ``"batch"``, or ``"none"`` for a folded copy.
+    loads as it was: ``"batch"``, or ``"none"`` for a folded copy (``batchnorm=False``).
     """
 
     def __init__(self, shape: Shape, levels: int = 3, base_filters: int = 16, depth: int = 3,
@@ -243,6 +243,13 @@ class MultilevelRegistration(keras.Model):
         return geometry.pyramid(volume, level)[-1]
 
     # --- Keras plumbing -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> MultilevelRegistration:
+        """A saved model; one saved before ``normalization`` existed was batch-normalised."""
+        if "normalization" not in config and "batchnorm" not in config:
+            config = {**config, "normalization": "batch"}
+        return super().from_config(config, custom_objects=custom_objects)
 
     def get_config(self) -> dict[str, Any]:
         return {
