@@ -64,8 +64,8 @@ def test_configs_saved_before_the_option_load_as_they_were_trained():
     model = MultilevelRegistration(SHAPE, levels=2, base_filters=4, depth=2)
     assert model.normalization == "instance"  # the default
     old = {key: value for key, value in model.get_config().items() if key != "normalization"}
-    assert MultilevelRegistration(**dict(old, batchnorm=True)).normalization == "batch"
-    assert MultilevelRegistration(**dict(old, batchnorm=False)).normalization == "none"
+    assert MultilevelRegistration.from_config(dict(old, batchnorm=True)).normalization == "batch"
+    assert MultilevelRegistration.from_config(dict(old, batchnorm=False)).normalization == "none"
     oldest = {key: value for key, value in old.items() if key != "batchnorm"}  # the demo model's
     assert MultilevelRegistration.from_config(oldest).normalization == "batch"
     with pytest.raises(ValueError, match="normalization: expected one of batch, instance, none"):

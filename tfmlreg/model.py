@@ -39,6 +39,11 @@ PRECISIONS = {None: None, "float32": "float32", "bfloat16": "mixed_bfloat16",
               "float16": "mixed_float16"}
 
 
+def _inference_normalization(normalization: str) -> str:
+    """The normalisation of a model's inference copy: a batch normalisation is folded."""
+    return "none" if normalization == "batch" else normalization
+
+
 @serializable
 class MultilevelRegistration(keras.Model):
     """mlVIRNET: one U-Net per level, coarse to fine; ``levels=1`` is the single-level baseline.
@@ -73,9 +78,6 @@ class MultilevelRegistration(keras.Model):
                  precision: str | None = None, normalization: str = "instance",
                  **kwargs: Any) -> None:
         trainable_levels = kwargs.pop("trainable_levels", None)  # as get_config saved them
-        legacy_batchnorm = kwargs.pop("batchnorm", None)  # configs written before normalization
-        if legacy_batchnorm is not None:
-            normalization = "batch" if legacy_batchnorm else "none"
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of float32, bfloat16, float16, got {precision!r}")
@@ -135,9 +137,8 @@ class MultilevelRegistration(keras.Model):
         """A copy for inference and export: the U-Nets in ``precision``, a batch normalisation
         folded into the convolutions (the same output to float32 rounding); see
         :meth:`load_inference_weights`."""
-        folds = {"batch": "none"}  # normalisation -> the inference copy's
         config = {**self.get_config(), "precision": precision,
-                  "normalization": folds.get(self.normalization, self.normalization)}
+                  "normalization": _inference_normalization(self.normalization)}
         config.pop("name", None)
         copy = MultilevelRegistration(**config)
         return copy.load_inference_weights(self)
@@ -145,8 +146,7 @@ class MultilevelRegistration(keras.Model):
     def load_inference_weights(self, source: MultilevelRegistration) -> MultilevelRegistration:
         """Set this inference copy's weights from ``source``, the trainable model it was made
         from (:func:`tfmlreg.networks.copy_weights`: folded when this copy is)."""
-        if source.normalization not in (self.normalization, "batch") or (
-                source.normalization == "batch" and self.normalization != "none"):
+        if _inference_normalization(source.normalization) != self.normalization:
             raise ValueError(f"source: a {source.normalization!r}-normalised model cannot give "
                              f"a {self.normalization!r} copy its weights")
         for mine, theirs in zip(self.nets, source.nets):
@@ -246,9 +246,12 @@ class MultilevelRegistration(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> MultilevelRegistration:
-        """A saved model; one saved before ``normalization`` existed was batch-normalised."""
-        if "normalization" not in config and "batchnorm" not in config:
-            config = {**config, "normalization": "batch"}
+        """A saved model. One saved before ``normalization`` existed was batch-normalised, or a
+        folded copy when its config has ``batchnorm=False``."""
+        if "normalization" not in config:
+            legacy = dict(config)
+            legacy["normalization"] = "batch" if legacy.pop("batchnorm", True) else "none"
+            config = legacy
         return super().from_config(config, custom_objects=custom_objects)
 
     def get_config(self) -> dict[str, Any]:
