@@ -9,7 +9,8 @@ Cases per scan (the CT resampled to ``--spacing`` mm and cropped to its body, as
 ``benchmarks/refine.py``): synthetic breathing of ``--amplitude`` mm in both directions (seeds 0
 and 1, :mod:`tfmlreg.data.synthetic`) and pure shifts of ±``--shift`` mm along each array axis
 (``moving(x) = fixed(x + s)``, so ``u = s``; noise as in breathing pairs). Methods: initial,
-the network alone, network + refinement, elastix B-spline. Per case and method, at the pair's
+the network alone (one way, and both ways averaged: :class:`tfmlreg.inference.SymmetricPredictor`),
+network + refinement (with the start it kept), elastix B-spline. Per case and method, at the pair's
 own resolution: TRE mean and max over 300 vessel landmarks (mm), the mean displacement error
 ``|u - u_true|`` in the body (mm), folding (%), seconds.
 
@@ -29,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from refine import register_all, score, shared_cts  # noqa: E402  (the benchmark's own case runner)
 
-METHODS = ("initial", "network", "network + refinement", "elastix")
+METHODS = ("initial", "network", "network (symmetric)", "network + refinement", "elastix")
 DIRECTIONS = ("exhale", "inhale")
 
 
@@ -64,8 +65,8 @@ def body_error(pair, displacement):
 
 def run_case(pair, predictor, methods):
     rows = {}
-    for method, (displacement, seconds) in register_all(pair, predictor, methods).items():
-        rows[method] = dict(score(pair, displacement, seconds),
+    for method, (displacement, seconds, start) in register_all(pair, predictor, methods).items():
+        rows[method] = dict(score(pair, displacement, seconds, start),
                             body_error=body_error(pair, displacement))
     return rows
 
@@ -95,12 +96,13 @@ def summary(results, methods):
 def markdown(results, methods, header):
     lines = header + ["", "Means:", ""] + summary(results, methods)
     lines += ["", "Per case:", "", "| case | scan | method | TRE mean (mm) | TRE max (mm) | "
-              "body error (mm) | folding (%) | seconds |", "|---|---|---|---|---|---|---|---|"]
+              "body error (mm) | folding (%) | seconds | refinement start |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for (held, _, name), rows in results.items():
         for method, row in rows.items():
             lines.append(f"| {name} | {'held out' if held else 'seen'} | {method} | "
                          f"{row['tre_mean']:.2f} | {row['tre_max']:.2f} | {row['body_error']:.2f}"
-                         f" | {row['folding_pct']:.3f} | {row['seconds']:.1f} |")
+                         f" | {row['folding_pct']:.3f} | {row['seconds']:.1f} | {row['start']} |")
     return "\n".join(lines) + "\n"
 
 

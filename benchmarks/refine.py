@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-METHODS = ("initial", "network", "network + refinement", "refinement from zero", "elastix")
+METHODS = ("initial", "network", "network (symmetric)", "network + refinement",
+           "refinement from zero", "elastix")
 
 
 def phantom_cases(count):
@@ -44,34 +45,37 @@ def ct_cases(paths, spacing, amplitude):
 
 
 def register_all(pair, predictor, methods=METHODS):
-    """``{method: (displacement (mm, fixed grid), seconds)}`` for each of ``methods``."""
+    """``{method: (displacement (mm, fixed grid), seconds, start)}`` for each of ``methods``;
+    ``start``: the start the refinement kept ("initial": the network's field, or "zero"), "" for
+    the others."""
     from tfmlreg.baselines import elastix_register
-    from tfmlreg.inference import register_pair
+    from tfmlreg.inference import SymmetricPredictor, register_pair
     from tfmlreg.refinement import RefineConfig
 
-    fields = {"initial": (np.zeros(np.shape(pair["fixed"]) + (3,), np.float32), 0.0)}
-    if "network" in methods:
-        network = register_pair(predictor, pair)
-        fields["network"] = (network["displacement"], network["seconds"])
-    if "network + refinement" in methods:
-        refined = register_pair(predictor, pair, refine=RefineConfig())
-        fields["network + refinement"] = (refined["displacement"], refined["seconds"])
-    if "refinement from zero" in methods:
-        alone = register_pair(None, pair, refine=RefineConfig())
-        fields["refinement from zero"] = (alone["displacement"], alone["seconds"])
+    runs = {"network": (predictor, None),  # method: (predictor, refinement settings)
+            "network (symmetric)": (SymmetricPredictor(predictor), None),
+            "network + refinement": (predictor, RefineConfig()),
+            "refinement from zero": (None, RefineConfig())}
+    fields = {"initial": (np.zeros(np.shape(pair["fixed"]) + (3,), np.float32), 0.0, "")}
+    for method in methods:
+        if method in runs:
+            network, refine = runs[method]
+            result = register_pair(network, pair, refine=refine)
+            fields[method] = (result["displacement"], result["seconds"],
+                              result.get("refinement_start", ""))
     if "elastix" in methods:
         result = elastix_register(pair["fixed"], pair["moving"], pair["spacing_fixed"])
-        fields["elastix"] = (result["displacement"], result["seconds"])
+        fields["elastix"] = (result["displacement"], result["seconds"], "")
     return fields
 
 
-def score(pair, displacement, seconds):
-    """TRE mean and max (mm), folding (%) and seconds of one field."""
+def score(pair, displacement, seconds, start=""):
+    """TRE mean and max (mm), folding (%), seconds and the refinement's start of one field."""
     from tfmlreg import evaluation
 
     metrics = evaluation.evaluate_displacement(pair, displacement)
     return {"tre_mean": metrics["tre_mean"], "tre_max": metrics["tre_max"],
-            "folding_pct": 100.0 * metrics["folding"], "seconds": seconds}
+            "folding_pct": 100.0 * metrics["folding"], "seconds": seconds, "start": start}
 
 
 def run_case(pair, predictor, use_elastix):
@@ -82,12 +86,12 @@ def run_case(pair, predictor, use_elastix):
 
 def markdown(results, header):
     lines = header + ["", "| case | grid | method | TRE mean (mm) | TRE max (mm) | folding (%) "
-                          "| seconds |", "|---|---|---|---|---|---|---|"]
+                          "| seconds | refinement start |", "|---|---|---|---|---|---|---|---|"]
     for case, (shape, rows) in results.items():
         for method, row in rows.items():
             lines.append(f"| {case} | {'×'.join(map(str, shape))} | {method} | "
                          f"{row['tre_mean']:.2f} | {row['tre_max']:.2f} | "
-                         f"{row['folding_pct']:.3f} | {row['seconds']:.1f} |")
+                         f"{row['folding_pct']:.3f} | {row['seconds']:.1f} | {row['start']} |")
     lines += ["", "Means over cases:", "", "| method | TRE mean (mm) | worst case TRE mean (mm) "
               "| TRE max (mm) | folding max (%) | seconds |", "|---|---|---|---|---|---|"]
     for method in METHODS:
@@ -142,7 +146,9 @@ def write(args, results, start):
               f"({time.perf_counter() - start:.0f} s on {os.cpu_count()} cores). Real CTs at "
               f"{args.spacing} mm, cropped to the body, synthetic breathing of {args.amplitude} mm "
               "in both directions; phantoms 96³. Seconds: the network's inference, the "
-              "refinement including its XLA compilation for a new grid, elastix's wall time."]
+              "refinement including its XLA compilation for a new grid, elastix's wall time. "
+              "Refinement start: the start the refinement kept (initial: the network's field; "
+              "zero: it ran from zero as well and that ended lower)."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         handle.write(markdown(results, header))

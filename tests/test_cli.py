@@ -82,6 +82,13 @@ def test_register_without_figures_writes_everything_else(phantoms, saved_model, 
                  "--model", saved_model, "--out", str(out), "--no-refine", "--no-figures"]) == 0
     assert sorted(os.listdir(out)) == ["displacement.nii.gz", "jacobian_determinant.nii.gz",
                                        "metrics.json", "warped.nii.gz"]
+    both_ways = workspace / "symmetric"
+    assert main(["register", "--fixed", f"{case}/fixed.nii.gz", "--moving", f"{case}/moving.nii.gz",
+                 "--model", saved_model, "--out", str(both_ways), "--no-refine", "--no-figures",
+                 "--symmetric"]) == 0
+    one_way, symmetric = (nib.load(str(folder / "displacement.nii.gz")).get_fdata()
+                          for folder in (out, both_ways))
+    assert np.all(np.isfinite(symmetric)) and np.abs(symmetric - one_way).max() > 1e-3
 
 
 def test_demo_reports_metrics_and_writes_outputs(saved_model, workspace, capsys):

@@ -90,6 +90,20 @@ def test_compose_affine_maps_matches_analytic_composition():
     assert np.abs(composed[interior] - expected[interior]).max() <= TOL * scale
 
 
+def test_invert_gives_the_inverse_of_an_affine_map():
+    shape, spacing = (16, 14, 12), (1.0, 1.5, 2.0)
+    matrix, offset = np.array([[0.08, 0.03, 0], [0, -0.06, 0.02], [0.04, 0, 0.05]]), [1.2, -0.8, 0.5]
+    field = affine_field(matrix, offset, shape, spacing)
+    inverse = np.asarray(geometry.invert(field, spacing))[0]
+    x = centres_mm(shape, spacing)
+    # y = (I + A) x + t  =>  x = (I + A)^-1 (y - t)
+    expected = (x - offset) @ np.linalg.inv(np.eye(3) + matrix).T - x
+    interior = (slice(4, -4),) * 3  # the inverse points back inside, away from the clamped border
+    assert np.abs(inverse[interior] - expected[interior]).max() <= 1e-3 * np.abs(expected).max()
+    round_trip = np.asarray(geometry.compose(field, inverse[None], spacing))[0]
+    assert np.abs(round_trip[interior]).max() <= 1e-3 * np.abs(field).max()
+
+
 def test_resampling_a_linear_field_is_exact_inside_the_domain():
     matrix, offset = np.array([[0.1, 0.2, -0.1], [0.0, 0.3, 0.1], [0.2, 0.0, -0.2]]), [1, 2, 3]
     spacing = np.array([2.0, 3.0, 1.0])

@@ -133,7 +133,8 @@ def cmd_register(args: argparse.Namespace) -> None:
     summary = commands.register(
         args.fixed, args.moving, args.out, args.model, server=args.server,
         model_name=args.model_name, shape=args.shape, precision=args.precision,
-        refine=_refine_config(args), fixed_labels=args.fixed_labels,
+        refine=_refine_config(args), symmetric=args.symmetric,
+        fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, dirlab_case=args.dirlab_case,
         overwrite=args.overwrite, progress=sys.stderr.isatty(), figures=not args.no_figures)
@@ -161,12 +162,17 @@ def _refine_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--refine options: {error}") from None
 
 
-def add_precision_option(parser: argparse.ArgumentParser) -> None:
+def add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
         help="the network's precision (default auto: bfloat16 on CPUs with native bfloat16, "
              "float16 on GPUs, else float32; geometry stays float32; a SavedModel runs its "
              "model.keras for a reduced precision)")
+    parser.add_argument(
+        "--symmetric", action="store_true",
+        help="run the network both ways (fixed/moving swapped) and average the fields "
+             "inverse-consistently: twice the network's time, a smaller error on real CT "
+             "(docs/RESULTS.md)")
 
 
 def add_refine_options(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     commands = _load("tfmlreg.commands")
     report, failures = commands.evaluate(args.data, args.out, args.model, args.precision,
                                          figures=not args.no_figures, refine=_refine_config(args),
+                                         symmetric=args.symmetric,
                                          overwrite=args.overwrite)
     with open(report) as handle:
         print(handle.read())
@@ -317,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--moving-landmarks", help="moving landmarks (DIR-LAB txt)")
     register.add_argument("--no-figures", action="store_true",
                           help="skip the overlay figure (saves about a second)")
-    add_precision_option(register)
+    add_network_options(register)
     add_refine_options(register)
 
     train = command("train", cmd_train,
@@ -337,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.add_argument("--no-figures", action="store_true", help="skip the overlay figures")
-    add_precision_option(evaluate)
+    add_network_options(evaluate)
     add_refine_options(evaluate)
 
     phantom = command("phantom", cmd_phantom, "write synthetic breathing-lung phantom pairs",

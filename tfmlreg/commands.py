@@ -70,14 +70,16 @@ def demo(out: PathLike, model: PathLike | None = None, shape: Shape = (96, 96, 9
 def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike | None = None, *,
              server: str | None = None, model_name: str | None = None,
              shape: Shape | None = None, precision: str = "auto",
-             refine: RefineConfig | None = None, fixed_labels: PathLike | None = None,
+             refine: RefineConfig | None = None, symmetric: bool = False,
+             fixed_labels: PathLike | None = None,
              moving_labels: PathLike | None = None, fixed_landmarks: PathLike | None = None,
              moving_landmarks: PathLike | None = None, dirlab_case: int | None = None,
              overwrite: bool = False, progress: bool = False,
              figures: bool = True) -> dict[str, dict[str, Any]]:
     """Register the image file ``moving`` to ``fixed`` with ``model`` (see
     :func:`tfmlreg.inference.load_predictor`; or, with ``server``, the model ``model_name``
-    served there on grid ``shape``, and ``model`` is not used), then ``refine``; write the
+    served there on grid ``shape``, and ``model`` is not used; ``symmetric``: run both ways, see
+    :class:`~tfmlreg.inference.SymmetricPredictor`), then ``refine``; write the
     outputs of :func:`register_and_write` into ``out``. Every input is checked before any model
     work. Returns the metrics summary."""
     if (fixed_landmarks is None) != (moving_landmarks is None):
@@ -92,20 +94,21 @@ def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike |
         pair = load_files(fixed, moving, fixed_labels, moving_labels, fixed_landmarks,
                           moving_landmarks, dirlab_case)
         predictor = load_predictor(model, precision, server=server, shape=shape,
-                                   model_name=model_name)
+                                   model_name=model_name, symmetric=symmetric)
         return register_and_write(predictor, pair, staging, refine, progress=progress,
                                   figures=figures)
 
 
 def evaluate(data: PathLike, out: PathLike, model: PathLike | None = None,
              precision: str = "auto", figures: bool = True, refine: RefineConfig | None = None,
-             overwrite: bool = False) -> tuple[str, dict[str, str]]:
-    """Evaluate ``model`` (then ``refine``) on every pair of the folder ``data``; write
-    metrics.csv, results.md and figures into ``out`` (see :func:`evaluate_folder`). Returns
-    ``(the report's path in out, {case: reason} of the cases that could not be evaluated)``."""
+             overwrite: bool = False, symmetric: bool = False) -> tuple[str, dict[str, str]]:
+    """Evaluate ``model`` (run both ways with ``symmetric``, then ``refine``) on every pair of
+    the folder ``data``; write metrics.csv, results.md and figures into ``out`` (see
+    :func:`evaluate_folder`). Returns ``(the report's path in out, {case: reason} of the cases
+    that could not be evaluated)``."""
     _check_refinement(model, refine)
     with output.staged(out, overwrite, OUT) as staging:
-        predictor = load_predictor(model, precision)
+        predictor = load_predictor(model, precision, symmetric=symmetric)
         report, failures = evaluate_folder(predictor, data, staging, figures=figures,
                                            refine=refine)
     return os.path.join(out, os.path.basename(report)), failures

@@ -272,6 +272,19 @@ def compose(outer: Tensor, inner: Tensor, spacing: Spacing = 1.0) -> Tensor:
     return inner + warp(outer, inner, spacing, fill_value=None)
 
 
+def invert(displacement: Tensor, spacing: Spacing = 1.0, iterations: int = 8) -> Tensor:
+    """Displacement ``v`` of the inverse map, on the same grid: ``x + v(x) = y`` where
+    ``y + u(y) = x``, i.e. the fixed point ``v = -u(x + v)``, iterated from ``v = -u``.
+
+    The iteration contracts where ``u``'s Jacobian has norm < 1 (smooth registration fields); each
+    step divides the error by about that norm, so a few steps reach the interpolation error."""
+    displacement = ops.cast(displacement, FLOAT)
+    inverse = -displacement
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse, spacing, fill_value=None)
+    return inverse
+
+
 def resample(volume: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     """The same physical field on another cell-centred grid of the same domain (trilinear).
 

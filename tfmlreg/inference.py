@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import ArrayLike
 
-from tfmlreg import geometry, models, refinement
+from tfmlreg import geometry, layers, models, refinement
 from tfmlreg.ct import AIR_HU
 from tfmlreg.data import pipeline
 from tfmlreg.data.io import DataError
@@ -154,9 +154,30 @@ class RemotePredictor:
         return self.client.register(fixed, moving, spacing)
 
 
+class SymmetricPredictor:
+    """``predictor`` run both ways on the model grid and averaged inverse-consistently:
+    ``u = (u_fm + inverse(u_mf)) / 2``.
+
+    A learnt network's error has a part that does not depend on which image is fixed (on two
+    copies of one scan the chest-CT network returns a field of 2-3 mm); it cancels in the average,
+    the registration itself adds. Twice the network's time; any predictor (local, SavedModel,
+    TF Serving) can be wrapped. Measured in ``docs/RESULTS.md`` (``benchmarks/real_ct.py``)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor, self.shape = predictor, predictor.shape
+
+    def __call__(self, fixed: Array, moving: Array, spacing: Array) -> dict[str, Array]:
+        forward = self.predictor(fixed, moving, spacing)["displacement"]
+        backward = self.predictor(moving, fixed, spacing)["displacement"]
+        spacing = np.asarray(spacing, np.float32)
+        displacement = 0.5 * (forward + np.asarray(layers.invert(backward, spacing)))
+        warped = layers.warp(np.asarray(moving, np.float32), displacement, spacing, AIR_HU)
+        return {"displacement": displacement, "warped": np.asarray(warped)}
+
+
 def load_predictor(path: PathLike | None = None, precision: str = "auto", *,
                    server: str | None = None, shape: Shape | None = None,
-                   model_name: str | None = None) -> Predictor | None:
+                   model_name: str | None = None, symmetric: bool = False) -> Predictor | None:
     """The predictor of a model: the one way tfmlreg loads one.
 
     * ``server`` (``HOST:PORT`` of TF Serving): a :class:`RemotePredictor` of the served model
@@ -170,7 +191,14 @@ def load_predictor(path: PathLike | None = None, precision: str = "auto", *,
     A SavedModel runs in float32 as exported; with a reduced ``precision`` (``"auto"`` on a
     machine that has one) the root's ``model.keras`` runs instead when it is there. An explicit
     reduced precision without one is an error; ``"auto"`` falls back to the SavedModel. A missing,
-    damaged or foreign model file is a one-line :class:`DataError` naming it."""
+    damaged or foreign model file is a one-line :class:`DataError` naming it. ``symmetric`` wraps
+    the predictor in :class:`SymmetricPredictor`."""
+    predictor = _predictor(path, precision, server, shape, model_name)
+    return SymmetricPredictor(predictor) if symmetric and predictor is not None else predictor
+
+
+def _predictor(path: PathLike | None, precision: str, server: str | None, shape: Shape | None,
+               model_name: str | None) -> Predictor | None:
     if server is not None:
         return RemotePredictor(server, shape, model_name=model_name)
     if path is None:
@@ -244,7 +272,9 @@ def register_pair(predictor: Predictor | None, pair: Mapping[str, Any],
     for this pair at full resolution. ``predictor=None`` refines from zero (the conventional
     multilevel NGF + curvature registration). Returns ``{"displacement": (D, H, W, 3) mm on the
     fixed grid, "warped": moving on the fixed grid, "seconds": network + refinement time,
-    "seconds_network", "seconds_refinement"}`` and, when both ran, ``"network_displacement"``.
+    "seconds_network", "seconds_refinement"}``; with the refinement, ``"refinement_start"``
+    (``"initial"``: it kept the network's field as its start, or ``"zero"``) and, when both ran,
+    ``"network_displacement"``.
     The full-resolution resampling and warping are not in the times.
     """
     if predictor is None and refine is None:
@@ -259,6 +289,7 @@ def register_pair(predictor: Predictor | None, pair: Mapping[str, Any],
             initial=displacement, config=refine, progress=progress)
         if displacement is not None:
             result["network_displacement"] = displacement
+        result["refinement_start"] = refined["start"]
         displacement, result["seconds_refinement"] = refined["displacement"], refined["seconds"]
     result["displacement"] = displacement
     assert displacement is not None  # the network, the refinement or both ran (checked above)

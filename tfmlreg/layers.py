@@ -99,6 +99,7 @@ def _signature(value: Any) -> Any:
 
 warp = xla_compiled(geometry.warp)
 compose = xla_compiled(geometry.compose)
+invert = xla_compiled(geometry.invert)
 resample_displacement = xla_compiled(geometry.resample_displacement)
 resample = xla_compiled(geometry.resample)
 sample = xla_compiled(geometry.sample)
