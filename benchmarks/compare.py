@@ -88,12 +88,13 @@ print(json.dumps(rows))
 
 
 def shipped_model():
-    """The shipped demo model's root (package data once tfmlreg.models exists)."""
+    """The shipped demo model's root (package data once tfmlreg.models exists): the model of the
+    documented figures (the default model since is the chest-CT one)."""
     try:
         from tfmlreg import models
     except ImportError:
         return os.path.join(ROOT, "saved_models", "demo")
-    return models.default_model()
+    return models.shipped("demo")
 
 
 def ensure_voxelmorph():

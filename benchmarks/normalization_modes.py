@@ -1,7 +1,7 @@
 """A batch-normalised model's two functions on held-out shift pairs: the one it trained as and
 the one it is used as.
 
-    python benchmarks/normalization_modes.py [--model saved_models/chest_ct/model.keras]
+    python benchmarks/normalization_modes.py [--model tfmlreg/models/chest_ct/model.keras]
         [--ct ../shared/data/ct/lidc-idri-0001.nii.gz] [--shift 6]
 
 Trained with batch 1, a batch normalisation normalises each sample by its own statistics (what
@@ -46,7 +46,7 @@ def case_figures(model, pair):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.path.join("saved_models", "chest_ct", "model.keras"))
+    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "chest_ct", "model.keras"))
     parser.add_argument("--ct", default=os.path.join("..", "shared", "data", "ct",
                                                      "lidc-idri-0001.nii.gz"))
     parser.add_argument("--spacing", type=float, default=2.5)

@@ -1,6 +1,6 @@
 """The network on real chest CT it has not seen: synthetic breathing and pure shifts, per scan.
 
-    python benchmarks/real_ct.py [--model saved_models/chest_ct] [--held-out lidc-idri-0001]
+    python benchmarks/real_ct.py [--model tfmlreg/models/chest_ct] [--held-out lidc-idri-0001]
                                  [--ct ../shared/data/ct/*.nii.gz] [--spacing 2.5]
                                  [--amplitude 25] [--shift 6] [--no-refine] [--no-elastix]
                                  [--out docs/benchmarks/real_ct.md]
@@ -108,7 +108,7 @@ def markdown(results, methods, header):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.path.join("saved_models", "chest_ct"))
+    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "chest_ct"))
     parser.add_argument("--ct", nargs="*", default=None, help="real CTs (default: all of shared)")
     parser.add_argument("--held-out", nargs="*", default=["lidc-idri-0001"],
                         help="scan names the model did not train on")

@@ -72,7 +72,7 @@ def main():
         + glob.glob(os.path.join(folder, f"level{args.level}.epoch*.weights.h5")),
         key=os.path.getmtime)
     model(next(iter(validation)))  # build
-    if checkpoint.endswith(".keras"):  # a trained model, e.g. saved_models/chest_ct/model.keras
+    if checkpoint.endswith(".keras"):  # a trained model, e.g. tfmlreg/models/chest_ct/model.keras
         experiment.load_initial_weights(model, checkpoint)
     else:
         model.load_weights(checkpoint)

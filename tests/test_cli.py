@@ -190,7 +190,7 @@ def test_console_script_is_installed_and_documents_every_command():
 
 
 def test_shipped_demo_model_registers_the_demo_pair(tmp_path):
-    """The README's `tfmlreg demo` with the default model (tfmlreg/models/demo): TRE ≤ 30% of the
+    """The README's `tfmlreg demo` with the default model (tfmlreg/models/chest_ct): TRE ≤ 30% of the
     initial, folding < 0.5% (issue 8's bar)."""
     out = tmp_path / "tfmlreg-demo"
     assert main(["demo", "--out", str(out)]) == 0

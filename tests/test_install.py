@@ -1,4 +1,4 @@
-"""The shipped model is package data: found by tfmlreg.models, and inside a built wheel."""
+"""The shipped models are package data: found by tfmlreg.models, and inside a built wheel."""
 
 import configparser
 import os
@@ -14,7 +14,8 @@ from tfmlreg import models
 from tfmlreg.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO_FILES = {"model.keras", "1/saved_model.pb", "1/fingerprint.pb",
+SHIPPED = ("chest_ct", "demo")
+MODEL_FILES = {"model.keras", "1/saved_model.pb", "1/fingerprint.pb",
               "1/variables/variables.index", "1/variables/variables.data-00000-of-00001",
               "1/assets.extra/tf_serving_warmup_requests"}
 
@@ -24,33 +25,39 @@ def files_under(folder):
             if path.is_file() and "__pycache__" not in path.parts}
 
 
-def test_shipped_demo_is_a_model_root_inside_the_package(monkeypatch):
-    monkeypatch.delenv(models.MODEL_VARIABLE, raising=False)
-    root = models.shipped("demo")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_is_a_model_root_inside_the_package(name):
+    root = models.shipped(name)
     assert pathlib.Path(root).parent == pathlib.Path(models.__file__).parent
-    assert DEMO_FILES <= files_under(root)
-    assert models.default_model() == root
+    assert MODEL_FILES <= files_under(root)
+
+
+def test_the_default_model_is_the_chest_ct_one_unless_the_variable_says(monkeypatch):
+    monkeypatch.delenv(models.MODEL_VARIABLE, raising=False)
+    assert models.default_model() == models.shipped("chest_ct")
     monkeypatch.setenv(models.MODEL_VARIABLE, "/elsewhere/model.keras")
     assert models.default_model() == "/elsewhere/model.keras"
-    with pytest.raises(FileNotFoundError, match="'nope': not shipped with tfmlreg .shipped: demo"):
+    with pytest.raises(FileNotFoundError,
+                       match="'nope': not shipped with tfmlreg .shipped: chest_ct, demo"):
         models.shipped("nope")
 
 
-def test_package_data_lists_every_file_of_the_shipped_model():
-    """setup.cfg's patterns match every file of tfmlreg/models/demo (a new file in a re-export,
+def test_package_data_lists_every_file_of_the_shipped_models():
+    """setup.cfg's patterns match every file of each shipped model (a new file in a re-export,
     e.g. an assets/ folder, would otherwise be missing from a non-editable install)."""
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
     patterns = config["options.package_data"]["tfmlreg.models"].split()
     package = REPO / "tfmlreg" / "models"
-    matched = {path.relative_to(package / "demo").as_posix()
+    matched = {path.relative_to(package).as_posix()
                for pattern in patterns for path in package.glob(pattern) if path.is_file()}
-    assert matched == files_under(package / "demo")
+    assert matched == {f"{name}/{file}" for name in SHIPPED
+                       for file in files_under(package / name)}
 
 
-def test_a_built_wheel_holds_the_shipped_model(tmp_path):
+def test_a_built_wheel_holds_the_shipped_models(tmp_path):
     """The wheel a plain ``pip install .`` installs (built from a copy: no build/ in the
-    checkout) contains the model next to the module that finds it."""
+    checkout) contains the models next to the module that finds them."""
     source = tmp_path / "src"
     shutil.copytree(REPO / "tfmlreg", source / "tfmlreg",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -61,7 +68,7 @@ def test_a_built_wheel_holds_the_shipped_model(tmp_path):
                    check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("tfmlreg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"tfmlreg/models/demo/{name}" for name in DEMO_FILES} <= names
+    assert {f"tfmlreg/models/{model}/{name}" for model in SHIPPED for name in MODEL_FILES} <= names
     assert "tfmlreg/models/__init__.py" in names
 
 

@@ -68,7 +68,7 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 DEBUG_VARIABLE = "TFMLREG_DEBUG"
 REPORT_AT = "the tfmlreg issue tracker, with the command line and the --debug output"
-# $TFMLREG_MODEL, else the demo model shipped as package data (tfmlreg/models/demo/)
+# $TFMLREG_MODEL, else the chest-CT model shipped as package data (tfmlreg/models/chest_ct/)
 DEFAULT_MODEL = models.default_model()
 
 _show_tensorflow_logs = False  # set by main() from --debug

@@ -1,12 +1,16 @@
 """Models shipped inside the package (package data), found with :mod:`importlib.resources`.
 
-``demo/`` is the default model of ``tfmlreg demo``, ``register`` and ``evaluate``: a versioned
-SavedModel (``demo/1/``, the TF Serving layout) and ``demo/model.keras`` (the same network, for
-fine-tuning, reduced precision and ONNX export); its card is ``docs/DEMO_MODEL.md``. Shipping it
-as package data is what lets a plain (non-editable) ``pip install`` run ``tfmlreg demo``.
+Each is a model root: a versioned SavedModel (``NAME/1/``, the TF Serving layout) and
+``NAME/model.keras`` (the same network, for fine-tuning, reduced precision and ONNX export).
 
-The default model is, in this order: the ``TFMLREG_MODEL`` environment variable (a model path),
-else the shipped ``demo``. Importing this module does not import TensorFlow.
+- ``chest_ct/``, the default model of ``tfmlreg demo``, ``register`` and ``evaluate``: trained on
+  real chest CT with synthetic breathing and on phantoms (card: ``docs/CHEST_CT_MODEL.md``).
+- ``demo/``: trained on phantoms only (card: ``docs/DEMO_MODEL.md``); the default until the
+  chest-CT model, kept as the phantom baseline and for serving examples.
+
+Shipping them as package data is what lets a plain (non-editable) ``pip install`` run
+``tfmlreg demo``. The default model is, in this order: the ``TFMLREG_MODEL`` environment variable
+(a model path), else the shipped ``chest_ct``. Importing this module does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from importlib import resources
 from typing import cast
 
 MODEL_VARIABLE = "TFMLREG_MODEL"
-DEFAULT = "demo"
+DEFAULT = "chest_ct"
 
 
 def shipped(name: str = DEFAULT) -> str:
@@ -34,5 +38,5 @@ def shipped(name: str = DEFAULT) -> str:
 
 def default_model() -> str:
     """The model the commands use without ``--model``: ``$TFMLREG_MODEL`` if set, else the
-    shipped ``demo``."""
+    shipped ``chest_ct``."""
     return os.environ.get(MODEL_VARIABLE) or shipped(DEFAULT)
