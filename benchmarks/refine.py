@@ -1,7 +1,7 @@
 """Network alone, network + refinement, refinement from zero and elastix, side by side in one run.
 
     python benchmarks/refine.py [--ct ../shared/data/ct/*.nii.gz] [--phantoms 2] [--spacing 2.0]
-                                [--amplitude 25] [--model tfmlreg/models/demo] [--no-elastix]
+                                [--amplitude 25] [--model tfmlreg/models/chest_ct] [--no-elastix]
                                 [--out docs/benchmarks/refine.md]
 
 Cases: phantom pairs (96³, seeds 1000+, unseen in training) and, for every real CT, synthetic
@@ -117,7 +117,7 @@ def main():
     parser.add_argument("--phantoms", type=int, default=2)
     parser.add_argument("--spacing", type=float, default=2.0, help="working spacing of the CTs")
     parser.add_argument("--amplitude", type=float, default=25.0)
-    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "demo"))
+    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "chest_ct"))
     parser.add_argument("--no-elastix", action="store_true")
     parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "refine.md"))
     args = parser.parse_args()

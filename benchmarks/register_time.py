@@ -2,7 +2,7 @@
 
     python benchmarks/register_time.py [--ct ../shared/data/ct/lung-pet-ct-dx-a0001.nii.gz]
                                        [--spacing 1.5] [--size 120 100 110] [--repeats 2]
-                                       [--model tfmlreg/models/demo]
+                                       [--model tfmlreg/models/chest_ct]
 
 The CT is resampled to ``--spacing`` mm and a box of ``--size`` voxels around the centre of its
 lungs is cut out; a 25 mm synthetic breathing pair (exhale) of it is written as NIfTI. Then, in
@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--options", default="",
                         help='more `tfmlreg register` options, e.g. "--refine-spacing 2"')
-    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "demo"))
+    parser.add_argument("--model", default=os.path.join("tfmlreg", "models", "chest_ct"))
     args = parser.parse_args()
 
     from tfmlreg.baselines import elastix_register

@@ -277,7 +277,7 @@ def invert(displacement: Tensor, spacing: Spacing = 1.0, iterations: int = 8) ->
     ``y + u(y) = x``, i.e. the fixed point ``v = -u(x + v)``, iterated from ``v = -u``.
 
     The iteration contracts where ``u``'s Jacobian has norm < 1 (smooth registration fields); each
-    step divides the error by about that norm, so a few steps reach the interpolation error."""
+    step multiplies the error by about that norm, so a few steps reach the interpolation error."""
     displacement = ops.cast(displacement, FLOAT)
     inverse = -displacement
     for _ in range(iterations):
