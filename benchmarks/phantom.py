@@ -43,12 +43,16 @@ LARGE_DIR = os.path.join(ROOT, "runs", "benchmark", "phantoms", "test_40mm")
 DOCS = os.path.join(ROOT, "docs")
 
 
-def train_arms(arm_configs=ARMS):
+def train_arms(arm_configs=ARMS, normalization=None):
     """``{arm: (predictor, training seconds or None when reused)}`` for ``{arm: config file in
-    training/}``; an arm whose ``model.keras`` exists is reused."""
+    training/}``; an arm whose ``model.keras`` exists is reused. ``normalization`` replaces the
+    configs' ``model.normalization`` (each arm then trains into its output folder + ``_NAME``)."""
     arms = {}
     for arm, config_file in arm_configs.items():
         config = experiment.load_config(os.path.join(CONFIGS, config_file))
+        if normalization is not None:
+            config["model"]["normalization"] = normalization
+            config["output"] = f"{config['output']}_{normalization}"
         path = os.path.join(config["output"], "model.keras")
         seconds = None
         if not os.path.exists(path):
