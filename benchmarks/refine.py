@@ -52,10 +52,11 @@ def register_all(pair, predictor, methods=METHODS):
     from tfmlreg.inference import SymmetricPredictor, register_pair
     from tfmlreg.refinement import RefineConfig
 
-    runs = {"network": (predictor, None),  # method: (predictor, refinement settings)
-            "network (symmetric)": (SymmetricPredictor(predictor), None),
-            "network + refinement": (predictor, RefineConfig()),
+    runs = {"network + refinement": (predictor, RefineConfig()),  # method: (predictor, settings)
             "refinement from zero": (None, RefineConfig())}
+    if predictor is not None:  # --model none: no network rows
+        runs.update({"network": (predictor, None),
+                     "network (symmetric)": (SymmetricPredictor(predictor), None)})
     fields = {"initial": (np.zeros(np.shape(pair["fixed"]) + (3,), np.float32), 0.0, "")}
     for method in methods:
         if method in runs:
