@@ -19,7 +19,11 @@ normalises away the size of a misalignment in the features, ``"none"`` keeps it.
 (the two-level fit on a shifted blob pair and its reverse of ``tests/test_model.py``, 12
 epochs) the error left on the two pairs was 16 % / 44 % of the shift with instance
 normalisation, 27 % / 57 % with batch normalisation and 15 % / 106 % with none, so instance
-normalisation is the default. A trained batch-normalised net is best fine-tuned in ``"none"``:
+normalisation is the default. The evidence is mixed beyond that toy: the real-CT Table 1 arms
+(``benchmarks/table1_ct.py``, 24 epochs from scratch) left 5.78 / 7.41 mm (multilevel,
+pretrained / Xavier) with instance normalisation against 3.67 / 6.48 mm with batch
+normalisation used at inference, and 6.16 against 7.52 mm for the single level (docs/RESULTS.md).
+A trained batch-normalised net is best fine-tuned in ``"none"``:
 its weights folded are its inference function exactly (how the shipped chest-CT model was made).
 
 For inference and export a batch normalisation is folded into the convolutions
