@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         """tfmlreg register --fixed exhale.nii.gz --moving inhale.nii.gz --out result/
         tfmlreg register --fixed case1_T50.img --moving case1_T00.img --dirlab-case 1 \\
             --fixed-landmarks case1_300_T50_xyz.txt --moving-landmarks case1_300_T00_xyz.txt --out r/
-        tfmlreg register --fixed f.nii.gz --moving m.nii.gz --server gpu-host:8500 --model-name demo --out r/""",
+        tfmlreg register --fixed f.nii.gz --moving m.nii.gz --server gpu-host:8500 --model-name chest_ct --out r/""",
     )
     register.add_argument("--fixed", required=True, help="fixed image (NIfTI, or DIR-LAB .img)")
     register.add_argument("--moving", required=True, help="moving image (NIfTI, or DIR-LAB .img)")
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     register.add_argument("--server", help="TF Serving gRPC address HOST:PORT instead of --model")
     register.add_argument("--model-name", metavar="NAME",
-                          help="the model's name on the server (with --server; default: demo, "
+                          help="the model's name on the server (with --server; default: chest_ct, "
                                "as in serving/models.config)")
     register.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
                           help="grid of the served model (with --server; default: read from the "

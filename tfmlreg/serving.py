@@ -1,12 +1,12 @@
 """gRPC client for a registration model behind TensorFlow Serving (see ``serving/README.md``).
 
     from tfmlreg.serving import RegistrationClient
-    with RegistrationClient("gpu-host:8500", model_name="demo") as client:
+    with RegistrationClient("gpu-host:8500", model_name="chest_ct") as client:
         client.grid()  # (64, 64, 64): the served model's grid, from TF Serving's model metadata
         out = client.register(fixed, moving, spacing=(5.0, 5.0, 5.0))
     out["displacement"]  # (D, H, W, 3) mm;  out["warped"]  # (D, H, W)
 
-Images must already be on the exported model's grid (64³ for the shipped ``demo``; to register
+Images must already be on the exported model's grid (64³ for the shipped ``chest_ct``; to register
 scans of any size, use :class:`tfmlreg.inference.RemotePredictor` with
 :func:`tfmlreg.inference.register_pair`, see ``serving/README.md``); the server answers a wrong size
 with INVALID_ARGUMENT naming the expected shape (likewise an empty batch or NaN values, naming the
@@ -30,7 +30,7 @@ from tfmlreg import geometry
 from tfmlreg.interface import OUTPUTS, SIGNATURE
 from tfmlreg.types import Array, Spacing
 
-DEFAULT_MODEL_NAME = "demo"  # the shipped model (tfmlreg.models), as in serving/models.config
+DEFAULT_MODEL_NAME = "chest_ct"  # the default shipped model (tfmlreg.models), as in serving/models.config
 # A 160³ float32 pair is ~33 MB and its reply ~65 MB, far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # The server is unreachable or too slow: the caller may retry elsewhere, hence ConnectionError.
