@@ -155,3 +155,27 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="fixed"):
         refinement.refine(np.zeros((8, 8)), np.zeros((8, 8, 8)), 1.0)
 
+
+
+class FieldPredictor:
+    """A stand-in network on the crop's own grid that returns one fixed field (mm)."""
+
+    def __init__(self, field):
+        self.field, self.shape = field, field.shape[:3]
+
+    def __call__(self, fixed, moving, spacing):
+        return {"displacement": self.field[None], "warped": moving}
+
+
+def test_register_pair_reports_the_start_the_refinement_kept(ct):
+    from tfmlreg.inference import register_pair
+
+    field = smooth_field(ct[0].shape, ct[1])
+    fixed, moving = make_pair(ct, field)
+    pair = {"fixed": fixed, "moving": moving, "spacing_fixed": ct[1], "spacing_moving": ct[1]}
+    config = refinement.RefineConfig(finest_spacing_mm=None, **FAST)
+    starts = {name: register_pair(predictor, pair, refine=config)["refinement_start"]
+              for name, predictor in (("good", FieldPredictor(field)),
+                                      ("wrong", FieldPredictor(8.0 * field)), ("none", None))}
+    assert starts == {"good": "initial", "wrong": "zero", "none": "zero"}
+    assert "refinement_start" not in register_pair(FieldPredictor(field), pair)  # no refinement
