@@ -160,7 +160,7 @@ class SymmetricPredictor:
 
     A learnt network's error has a part that does not depend on which image is fixed (on two
     copies of one scan the chest-CT network returns a field of 2-3 mm); it cancels in the average,
-    the registration itself adds. Twice the network's time; any predictor (local, SavedModel,
+    while the motion found both ways adds up. Twice the network's time; any predictor (local, SavedModel,
     TF Serving) can be wrapped. Measured in ``docs/RESULTS.md`` (``benchmarks/real_ct.py``)."""
 
     def __init__(self, predictor: Predictor) -> None:

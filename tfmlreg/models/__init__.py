@@ -6,7 +6,7 @@ Each is a model root: a versioned SavedModel (``NAME/1/``, the TF Serving layout
 - ``chest_ct/``, the default model of ``tfmlreg demo``, ``register`` and ``evaluate``: trained on
   real chest CT with synthetic breathing and on phantoms (card: ``docs/CHEST_CT_MODEL.md``).
 - ``demo/``: trained on phantoms only (card: ``docs/DEMO_MODEL.md``); the default until the
-  chest-CT model, kept as the phantom baseline and for serving examples.
+  chest-CT model, kept as the phantom baseline.
 
 Shipping them as package data is what lets a plain (non-editable) ``pip install`` run
 ``tfmlreg demo``. The default model is, in this order: the ``TFMLREG_MODEL`` environment variable
