@@ -13,8 +13,10 @@ process on the same arrays (its wall time, reading excluded). The command's pers
 (``tfmlreg.compilation_cache``) starts empty in a temporary folder: run 0 compiles every step,
 later runs load them (so would any pair of the same grid shapes). Prints each wall time,
 the network's and the refinement's own seconds (from ``metrics.json``), the medians over the
-runs after the first, and what a bare ``python -c "import tensorflow"`` takes here (with and
-without JAX importable: see :func:`tensorflow_start_up`).
+runs after the first, where the command's time goes (the parts ``metrics.json`` records:
+:data:`tfmlreg.commands.PART_TIMES`; the rest is start-up and reading), and what a bare
+``python -c "import tensorflow"`` takes here (with and without JAX importable: see
+:func:`tensorflow_start_up`).
 """
 
 import argparse
@@ -109,18 +111,21 @@ def main():
     args = parser.parse_args()
 
     from tfmlreg.baselines import elastix_register
+    from tfmlreg.commands import PART_TIMES
 
     image, spacing = lung_box(args.ct, args.spacing, np.asarray(args.size))
     print(f"pair: {args.ct} at {args.spacing} mm, {image.shape} voxels")
-    register, network, refinement, elastix = [], [], [], []
+    register, elastix = [], []
+    parts: dict[str, list[float]] = {key: [] for key in PART_TIMES}
+    network, refinement = parts["seconds_network"], parts["seconds_refinement"]
     with tempfile.TemporaryDirectory() as folder:
         pair = write_pair(image, spacing, folder)
         for run in range(args.repeats):
             seconds, registered, field = time_register(folder, args.model, run,
                                                        args.options.split())
             register.append(seconds)
-            network.append(registered.get("seconds_network", float("nan")))
-            refinement.append(registered.get("seconds_refinement", float("nan")))
+            for key, values in parts.items():
+                values.append(registered.get(key, float("nan")))
             result = elastix_register(pair["fixed"], pair["moving"], spacing)
             elastix.append(result["seconds"])
             print(f"run {run}{' (empty XLA cache)' if run == 0 else ''}: tfmlreg register "
@@ -136,8 +141,19 @@ def main():
           f"{median['refinement']:.1f} s), elastix {median_elastix:.1f} s (all runs); ratio "
           f"{median['register'] / median_elastix:.2f}; empty-cache run 0: {register[0]:.1f} s, "
           f"ratio {register[0] / median_elastix:.2f}")
+    print(breakdown(register[warm], {key: values[warm] for key, values in parts.items()}))
     print(f"a bare `python -c \"import tensorflow\"`: {tensorflow_start_up():.1f} s "
           f"({tensorflow_start_up(hide_jax=True):.1f} s without JAX importable)")
+
+
+def breakdown(walls, parts):
+    """One line: the median of each part of the command's time and of the rest (start-up,
+    reading), over the runs of ``walls`` (seconds) and ``parts`` ({name: seconds per run})."""
+    rest = np.asarray(walls) - np.sum(list(parts.values()), axis=0)
+    items = [(name.removeprefix("seconds_"), values) for name, values in parts.items()]
+    items.append(("start-up and reading (the rest)", rest))
+    return "where the time goes (medians of the same runs): " + ", ".join(
+        f"{name} {np.median(values):.1f} s" for name, values in items)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import registration_model
+from tfmlreg import commands
 from tfmlreg.cli import main
 from tfmlreg.data import io
 from tfmlreg.export import export_saved_model
@@ -58,7 +59,8 @@ def test_register_writes_full_resolution_outputs(phantoms, saved_model, workspac
             "--fixed-landmarks", f"{case}/fixed_landmarks.txt",
             "--moving-landmarks", f"{case}/moving_landmarks.txt"]
     assert main(argv) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     assert sorted(os.listdir(out)) == ["displacement.nii.gz", "jacobian_determinant.nii.gz",
                                        "metrics.json", "overlay.png", "overlay.svg",
                                        "warped.nii.gz"]
@@ -73,6 +75,12 @@ def test_register_writes_full_resolution_outputs(phantoms, saved_model, workspac
                              axis=1).mean()
     assert metrics["initial"]["tre_mean"] == pytest.approx(initial, rel=1e-4)
     assert set(metrics["registered"]) >= {"tre_mean", "tre_snapped_mean", "dice_mean", "folding", "seconds"}
+    # the time of each part: the model was loaded, the network ran, the outputs (the figure
+    # included) were written
+    parts = {key: metrics["registered"][key] for key in commands.PART_TIMES}
+    assert parts["seconds_loading"] > 0 and parts["seconds_network"] > 0
+    assert parts["seconds_outputs"] > 0 and parts["seconds_refinement"] >= 0
+    assert f"outputs {parts['seconds_outputs']:.2f} s" in captured.err
 
 
 def test_register_without_figures_writes_everything_else(phantoms, saved_model, workspace, capsys):

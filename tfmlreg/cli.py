@@ -140,8 +140,9 @@ def cmd_register(args: argparse.Namespace) -> None:
         overwrite=args.overwrite, progress=sys.stderr.isatty(), figures=not args.no_figures)
     print(json.dumps(summary, indent=2))
     times = summary["registered"]
-    print(f"network {times['seconds_network']:.2f} s, refinement "
-          f"{times['seconds_refinement']:.2f} s", file=sys.stderr)
+    print(f"model loading {times['seconds_loading']:.2f} s, network {times['seconds_network']:.2f} "
+          f"s, refinement {times['seconds_refinement']:.2f} s, outputs "
+          f"{times['seconds_outputs']:.2f} s", file=sys.stderr)
 
 
 def _refine_config(args: argparse.Namespace) -> Any:

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +60,12 @@ def demo(out: PathLike, model: PathLike | None = None, shape: Shape = (96, 96, 9
     write the pair, the outputs and metrics into ``out``. Returns the metrics summary."""
     _check_refinement(model, refine)
     with output.staged(out, overwrite, OUT) as staging:
-        predictor = load_predictor(model)
+        predictor, loading = _timed(load_predictor, model)
         pair = phantoms.make_pair(shape=shape, seed=seed)
         case = phantoms.as_case(pair, f"phantom{seed}")
         io.write_image(os.path.join(staging, "fixed.nii.gz"), pair["fixed"], pair["spacing"])
         io.write_image(os.path.join(staging, "moving.nii.gz"), pair["moving"], pair["spacing"])
-        return register_and_write(predictor, case, staging, refine)
+        return register_and_write(predictor, case, staging, refine, seconds_loading=loading)
 
 
 def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike | None = None, *,
@@ -93,10 +94,10 @@ def register(fixed: PathLike, moving: PathLike, out: PathLike, model: PathLike |
     with output.staged(out, overwrite, OUT) as staging:
         pair = load_files(fixed, moving, fixed_labels, moving_labels, fixed_landmarks,
                           moving_landmarks, dirlab_case)
-        predictor = load_predictor(model, precision, server=server, shape=shape,
-                                   model_name=model_name, symmetric=symmetric)
+        predictor, loading = _timed(load_predictor, model, precision, server=server, shape=shape,
+                                    model_name=model_name, symmetric=symmetric)
         return register_and_write(predictor, pair, staging, refine, progress=progress,
-                                  figures=figures)
+                                  figures=figures, seconds_loading=loading)
 
 
 def evaluate(data: PathLike, out: PathLike, model: PathLike | None = None,
@@ -252,12 +253,15 @@ def load_files(fixed: PathLike, moving: PathLike, fixed_labels: PathLike | None 
 
 def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out_dir: PathLike,
                        refine: RefineConfig | None = None, progress: bool = False,
-                       figures: bool = True) -> dict[str, dict[str, Any]]:
+                       figures: bool = True, seconds_loading: float = 0.0) -> dict[str, dict[str, Any]]:
     """Register (the network, then the refinement ``refine``, a RefineConfig or None), then write
-    the warped image, the displacement (mm), the Jacobian determinant, metrics.json and (with
-    ``figures``) an overlay figure into the folder ``out_dir``; returns the metrics summary (with
-    the time of each part). Raises :class:`RegistrationFailed` (nothing written) if the result is not finite."""
+    the warped image, the displacement (mm), the Jacobian determinant, (with ``figures``) an
+    overlay figure and, last, metrics.json into the folder ``out_dir``; returns the metrics
+    summary with the time of each part (:data:`PART_TIMES`; ``seconds_loading``, the caller's time
+    to load the model, is passed through). Raises :class:`RegistrationFailed` (nothing written) if
+    the result is not finite."""
     result = _register(predictor, pair, refine, progress)
+    start = time.perf_counter()
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
     affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
     io.write_image(os.path.join(out_dir, "warped.nii.gz"), result["warped"], spacing, affine)
@@ -266,16 +270,25 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     io.write_image(os.path.join(out_dir, "jacobian_determinant.nii.gz"),
                    metrics.jacobian_determinant(result["displacement"], spacing), spacing, affine)
     summary = _summary(evaluation.evaluate_pair(pair, result))
+    if figures:  # about 1.5 s of a register call (docs/RESULTS.md, the register_time section)
+        save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
+                     result["displacement"])
+    result.update(seconds_loading=seconds_loading, seconds_outputs=time.perf_counter() - start)
     summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    if figures:  # about 1 s of a register call (docs/RESULTS.md, the register_time section)
-        save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
-                     result["displacement"])
     return summary
 
 
-PART_TIMES = ("seconds_network", "seconds_refinement")
+# The parts of a registration's time (metrics.json, "registered"): loading the model, the network,
+# the refinement, evaluating and writing the outputs. The rest of a command's wall time is start-up
+# (Python, TensorFlow's import: docs/RESULTS.md) and reading the images.
+PART_TIMES = ("seconds_loading", "seconds_network", "seconds_refinement", "seconds_outputs")
+
+
+def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return function(*args, **kwargs), time.perf_counter() - start
 
 
 def _register(predictor: Predictor | None, pair: Mapping[str, Any],
