@@ -2,10 +2,12 @@
 
     python benchmarks/register_time.py [--ct ../shared/data/ct/lung-pet-ct-dx-a0001.nii.gz]
                                        [--spacing 1.5] [--size 120 100 110] [--repeats 2]
+                                       [--direction exhale]
                                        [--model tfmlreg/models/chest_ct]
 
 The CT is resampled to ``--spacing`` mm and a box of ``--size`` voxels around the centre of its
-lungs is cut out; a 25 mm synthetic breathing pair (exhale) of it is written as NIfTI. Then, in
+lungs is cut out; a 25 mm synthetic breathing pair of it (``--direction``: the moving image
+exhaled or inhaled; the box cuts through the lungs) is written as NIfTI. Then, in
 turn and ``--repeats`` times: ``tfmlreg register`` as a user runs it (a new process, TensorFlow
 start-up, reading, network, refinement, writing every output; JAX hidden, as a user install has
 none: see :func:`tensorflow_start_up`), and elastix B-spline in this
@@ -43,12 +45,12 @@ def lung_box(path, spacing, size):
     return np.ascontiguousarray(scan["image"][box]), scan["spacing"]
 
 
-def write_pair(image, spacing, folder):
+def write_pair(image, spacing, folder, direction="exhale"):
     import nibabel as nib
 
     from tfmlreg.data import synthetic
 
-    pair = synthetic.make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction="exhale")
+    pair = synthetic.make_pair(image, spacing, seed=0, amplitude_mm=25.0, direction=direction)
     affine = np.diag([*spacing, 1.0])
     for side in ("fixed", "moving"):
         nib.save(nib.Nifti1Image(pair[side].astype(np.float32), affine),
@@ -104,6 +106,7 @@ def main():
                                                      "lung-pet-ct-dx-a0001.nii.gz"))
     parser.add_argument("--spacing", type=float, default=1.5)
     parser.add_argument("--size", type=int, nargs=3, default=(120, 100, 110))
+    parser.add_argument("--direction", choices=("exhale", "inhale"), default="exhale")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--options", default="",
                         help='more `tfmlreg register` options, e.g. "--refine-spacing 2"')
@@ -119,7 +122,7 @@ def main():
     parts: dict[str, list[float]] = {key: [] for key in PART_TIMES}
     network, refinement = parts["seconds_network"], parts["seconds_refinement"]
     with tempfile.TemporaryDirectory() as folder:
-        pair = write_pair(image, spacing, folder)
+        pair = write_pair(image, spacing, folder, args.direction)
         for run in range(args.repeats):
             seconds, registered, field = time_register(folder, args.model, run,
                                                        args.options.split())
