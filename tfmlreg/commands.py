@@ -270,7 +270,7 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     io.write_image(os.path.join(out_dir, "jacobian_determinant.nii.gz"),
                    metrics.jacobian_determinant(result["displacement"], spacing), spacing, affine)
     summary = _summary(evaluation.evaluate_pair(pair, result))
-    if figures:  # about 1.5 s of a register call (docs/RESULTS.md, the register_time section)
+    if figures:  # part of seconds_outputs; --no-figures skips it
         save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
                      result["displacement"])
     result.update(seconds_loading=seconds_loading, seconds_outputs=time.perf_counter() - start)
