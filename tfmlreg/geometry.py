@@ -187,17 +187,10 @@ def sample(volume: Tensor, points: Tensor, spacing: Spacing,
     i1 = ops.clip(lower + 1, 0, upper_bound)
     values = _trilinear(volume, dims, batch, i0, i1, frac)
     if fill_value is not None:
-        values = ops.where(inside_domain(points, dims, spacing), values, ops.cast(fill_value, FLOAT))
+        extent = ops.convert_to_tensor(np.array(dims, np.float32))
+        inside = ops.all((index >= -0.5) & (index <= extent - 0.5), axis=-1, keepdims=True)
+        values = ops.where(inside, values, ops.cast(fill_value, FLOAT))
     return ops.reshape(values, (-1,) + point_dims + (channels,))
-
-
-def inside_domain(points: Tensor, shape: Shape, spacing: Tensor) -> Tensor:
-    """Whether ``points (B, ..., 3)`` (mm) lie in the domain ``[0, n*h]`` of a grid of ``shape``
-    cells of ``spacing (B, 3)``: a ``(B, ..., 1)`` bool tensor (no gradient: it is piecewise
-    constant in the points)."""
-    extent = ops.convert_to_tensor(np.asarray(shape, np.float32))
-    index = points / ops.reshape(spacing, (-1,) + (1,) * (len(points.shape) - 2) + (3,)) - 0.5
-    return ops.all((index >= -0.5) & (index <= extent - 0.5), axis=-1, keepdims=True)
 
 
 def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: Tensor, i1: Tensor,
