@@ -24,18 +24,19 @@ from _timing import median_seconds
 from tfmlreg import geometry, losses, refinement
 
 
-def objectives(level, shape):
-    """The step's objective built up term by term: ``{name: f(total field) -> (B,)}``."""
+def objectives(level, shape, config):
+    """The step's objective built up term by term, with ``config``'s weights (the refinement's
+    finest level): ``{name: f(total field) -> (B,)}``."""
     points = geometry.grid_points(shape, level["spacing"])
 
     def warped(total):
         return geometry.sample(level["moving"], points + total, level["moving_spacing"])
 
     def ngf(total):
-        return losses.ngf(level["fixed"], warped(total), level["spacing"], 0.01)
+        return losses.ngf(level["fixed"], warped(total), level["spacing"], config.epsilon)
 
     def with_curvature(total):
-        return ngf(total) + 8.0 * losses.curvature(total, level["spacing"])
+        return ngf(total) + config.alpha * losses.curvature(total, level["spacing"])
 
     return {
         "prolongation": lambda total: tf.reduce_mean(tf.square(total), axis=(1, 2, 3, 4)),
@@ -43,7 +44,7 @@ def objectives(level, shape):
         "+ NGF": ngf,
         "+ curvature": with_curvature,
         "+ folding (the whole objective)": lambda total: (
-            with_curvature(total) + 10.0 * losses.folding(total, level["spacing"])),
+            with_curvature(total) + config.folding * losses.folding(total, level["spacing"])),
     }
 
 
@@ -78,7 +79,7 @@ def main():
                           .astype(np.float32))
     print(f"level grid {shape} ({np.prod(shape)} cells) at {args.spacing} mm, control grid "
           f"{tuple(control.shape[1:4])}; forward + backward, XLA, median of {args.repeats}:")
-    for name, objective in objectives(level, shape).items():
+    for name, objective in objectives(level, shape, config).items():
         function = gradient_function(objective, level, shape)
         seconds = median_seconds(lambda f=function: f(control)[0].numpy(), args.repeats)
         print(f"  {name:34s} {1000 * seconds:6.1f} ms")

@@ -273,8 +273,9 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     if figures:  # part of seconds_outputs; --no-figures skips it
         save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
                      result["displacement"])
-    result.update(seconds_loading=seconds_loading, seconds_outputs=time.perf_counter() - start)
-    summary["registered"].update({key: float(result[key]) for key in PART_TIMES})
+    times = dict(result, seconds_loading=seconds_loading,
+                 seconds_outputs=time.perf_counter() - start)
+    summary["registered"].update({key: float(times[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
