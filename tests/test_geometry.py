@@ -234,3 +234,12 @@ def test_sample_axes_is_sample_on_a_tensor_grid():
         assert got.shape == expected.shape == (5, 6, 4, 2)
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.any(got == -7.0) and np.any(got != -7.0)  # the points reach outside and inside
+
+
+def test_domain_weight_fades_over_the_outer_half_cell():
+    spacing = np.array([[2.0, 1.0, 1.0]], np.float32)
+    # along the first axis of 4 cells of 2 mm: edge 0, outermost centre 1, inner 4, far edge 8
+    depth = np.array([-1.0, 0.0, 0.5, 1.0, 4.0, 7.0, 7.5, 8.0, 9.0], np.float32)
+    points = np.stack([depth, np.full_like(depth, 2.0), np.full_like(depth, 2.0)], -1)[None]
+    weight = np.asarray(geometry.domain_weight(points, (4, 4, 4), spacing))[0, :, 0]
+    np.testing.assert_allclose(weight, [0, 0, 0.5, 1, 1, 1, 0.5, 0, 0], atol=1e-6)

@@ -193,6 +193,19 @@ def sample(volume: Tensor, points: Tensor, spacing: Spacing,
     return ops.reshape(values, (-1,) + point_dims + (channels,))
 
 
+def domain_weight(points: Tensor, shape: Shape, spacing: Tensor) -> Tensor:
+    """How far ``points (B, ..., 3)`` (mm) lie inside a grid of ``shape`` cells of ``spacing
+    (B, 3)``: ``(B, ..., 1)`` in [0, 1], 1 from the outermost cell centres inwards, falling
+    linearly to 0 at the domain edge (the half cell where :func:`sample` holds the border value)
+    and 0 beyond. Continuous in the points, so round-off cannot flip it (a hard inside/outside
+    test did: graph and eager results then differ); no gradient flows through it."""
+    extent = ops.convert_to_tensor(np.asarray(shape, np.float32))
+    index = points / ops.reshape(spacing, (-1,) + (1,) * (len(points.shape) - 2) + (3,)) - 0.5
+    depth = ops.minimum(index + 0.5, extent - 0.5 - index)  # cells to the nearer edge, per axis
+    weight = ops.clip(2.0 * ops.min(depth, axis=-1, keepdims=True), 0.0, 1.0)
+    return ops.stop_gradient(weight)
+
+
 def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: Tensor, i1: Tensor,
                frac: Tensor) -> Tensor:
     """Blend the 8 corner values; indices ``(B, N, 3)`` int32 already clamped, ``frac`` in [0, 1)."""

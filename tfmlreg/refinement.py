@@ -185,7 +185,14 @@ def _objective(control, level, alpha, epsilon, fold):
     # in the objective that Adam's steps jump onto (radiomics-lung1, inhale: the coarsest level's
     # loss rose 3x in one step and the level ended at its best early state, bases 20 mm off).
     warped = geometry.sample(level["moving"], points, level["moving_spacing"])
-    similarity = losses.ngf(level["fixed"], warped, spacing, epsilon, level.get("weights"))
+    # ...but the voxels whose points fall there leave the similarity, as conventional registration
+    # discards samples mapped outside the moving image: the continued border's stripes drew lung
+    # bases past a scan cut through the lungs (the 1.5 mm box of benchmarks/register_time.py,
+    # inhale: landmark errors up to 42 mm at the cut).
+    seen = geometry.domain_weight(points, geometry.spatial_shape(level["moving"]),
+                                  level["moving_spacing"])
+    weights = seen if level.get("weights") is None else seen * level["weights"]
+    similarity = losses.ngf(level["fixed"], warped, spacing, epsilon, weights)
     return (similarity + alpha * losses.curvature(total, spacing)
             + fold * losses.folding(total, spacing))
 
