@@ -32,8 +32,9 @@ def objectives(level, shape, config):
     def warped(total):
         return geometry.sample(level["moving"], points + total, level["moving_spacing"])
 
-    def ngf(total):
-        return losses.ngf(level["fixed"], warped(total), level["spacing"], config.epsilon)
+    def ngf(total):  # weighted as in the refinement: voxels mapped outside the moving scan leave
+        seen = geometry.domain_weight(points + total, shape, level["moving_spacing"])
+        return losses.ngf(level["fixed"], warped(total), level["spacing"], config.epsilon, seen)
 
     def with_curvature(total):
         return ngf(total) + config.alpha * losses.curvature(total, level["spacing"])
