@@ -70,6 +70,7 @@ class RefineConfig:
     tolerance: float = 1e-4  # relative loss improvement over `patience` steps that ends a level
     patience: int = 10
     intensity_window: tuple = DEFAULT_WINDOW  # HU -> [0, 1], as the model normalises
+    smoothing: float = 0.5  # least Gaussian σ (cells of the image) before each level's resampling
 
     def __post_init__(self):
         checks = {
@@ -78,7 +79,7 @@ class RefineConfig:
             "alpha": self.alpha >= 0, "folding": self.folding >= 0, "epsilon": self.epsilon > 0,
             "learning_rate": self.learning_rate > 0, "max_voxels": self.max_voxels >= 27,
             "control_factor": self.control_factor >= 1, "tolerance": self.tolerance >= 0,
-            "patience": self.patience >= 1,
+            "patience": self.patience >= 1, "smoothing": self.smoothing >= 0,
             "finest_spacing_mm": self.finest_spacing_mm is None or self.finest_spacing_mm > 0,
         }
         for name, ok in checks.items():
@@ -116,16 +117,19 @@ def _ratio(source_shape, target_shape):
     return np.asarray(source_shape, np.float32) / np.asarray(target_shape, np.float32)
 
 
-def smooth_resample(image, spacing, target_shape):
+def smooth_resample(image, spacing, target_shape, smoothing=0.0):
     """``image (B, D, H, W, 1)`` of ``spacing (B, 3)`` on ``target_shape`` cells of its domain,
-    smoothed first along axes that shrink by more than 1.5× (Gaussian of ``(f - 1) / 2`` cells,
-    the anti-aliasing rule of the data pipeline), so coarse levels do not alias."""
+    smoothed first by a Gaussian of ``max((f - 1) / 2, smoothing)`` cells along an axis that
+    shrinks ``f``-fold (``(f - 1) / 2``: the anti-aliasing rule of the data pipeline, so coarse
+    levels do not alias; ``smoothing``: a floor that also smooths a level on the image's own grid,
+    against the noise in the NGF's gradients)."""
     source = geometry.spatial_shape(image)
     ratio = _ratio(source, target_shape)
     image = ops.cast(image, geometry.FLOAT)
     for axis, factor in enumerate(ratio):
-        if factor > 1.5:
-            image = _blur_axis(image, axis, (factor - 1.0) / 2.0)
+        sigma = max((factor - 1.0) / 2.0 if factor > 1.5 else 0.0, smoothing)
+        if sigma > 0:
+            image = _blur_axis(image, axis, sigma)
     if tuple(target_shape) == source:
         return image
     return geometry.resample(image, spacing, target_shape)
@@ -239,8 +243,10 @@ def _prepare_level(images, level_shape, delta):
     field, field_spacing = delta
     increments = geometry.resample(field, field_spacing, level_shape)
     level = {
-        "fixed": smooth_resample(images["fixed"], images["spacing_fixed"], level_shape),
-        "moving": smooth_resample(images["moving"], images["spacing_moving"], moving_shape),
+        "fixed": smooth_resample(images["fixed"], images["spacing_fixed"], level_shape,
+                                 images["smoothing"]),
+        "moving": smooth_resample(images["moving"], images["spacing_moving"], moving_shape,
+                                  images["smoothing"]),
         "spacing": spacing, "moving_spacing": moving_spacing,
         "offset": increments + _carry_initial(images, level_shape),
     }
@@ -291,7 +297,7 @@ def _inputs(fixed, moving, spacing_fixed, spacing_moving, initial, mask, config,
         "moving_extent_ratio": np.ones(3) if same_grid else _moving_extent_ratio(
             fixed_shape, moving_shape, spacing_fixed, spacing_moving),
         "initial": None if initial is None else ops.cast(initial, geometry.FLOAT),
-        "weights": mask,
+        "weights": mask, "smoothing": config.smoothing,
     }
 
 
