@@ -194,3 +194,14 @@ def test_register_pair_reports_the_start_the_refinement_kept(ct):
                                       ("wrong", FieldPredictor(8.0 * field)), ("none", None))}
     assert starts == {"good": "initial", "wrong": "zero", "none": "zero"}
     assert "refinement_start" not in register_pair(FieldPredictor(field), pair)  # no refinement
+
+
+def test_smoothing_floor_smooths_a_level_on_the_image_own_grid():
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.0, 1.0, (1, 12, 12, 12, 1)).astype(np.float32)
+    spacing = np.ones((1, 3), np.float32)
+    same = np.asarray(refinement.smooth_resample(image, spacing, (12, 12, 12)))
+    np.testing.assert_array_equal(same, image)  # no floor: a level on the own grid is the image
+    smoothed = np.asarray(refinement.smooth_resample(image, spacing, (12, 12, 12), 0.5))
+    assert smoothed.std() < 0.6 * image.std()  # white noise through σ = 0.5 cells per axis
+    assert abs(smoothed.mean() - image.mean()) < 0.05  # a normalised kernel keeps the mean
