@@ -33,7 +33,8 @@ def objectives(level, shape, config):
         return geometry.sample(level["moving"], points + total, level["moving_spacing"])
 
     def ngf(total):  # weighted as in the refinement: voxels mapped outside the moving scan leave
-        seen = geometry.domain_weight(points + total, shape, level["moving_spacing"])
+        seen = geometry.domain_weight(points + total, geometry.spatial_shape(level["moving"]),
+                                      level["moving_spacing"])
         return losses.ngf(level["fixed"], warped(total), level["spacing"], config.epsilon, seen)
 
     def with_curvature(total):

@@ -187,8 +187,7 @@ def sample(volume: Tensor, points: Tensor, spacing: Spacing,
     i1 = ops.clip(lower + 1, 0, upper_bound)
     values = _trilinear(volume, dims, batch, i0, i1, frac)
     if fill_value is not None:
-        extent = ops.convert_to_tensor(np.array(dims, np.float32))
-        inside = ops.all((index >= -0.5) & (index <= extent - 0.5), axis=-1, keepdims=True)
+        inside = _edge_depth(index, dims) >= 0.0
         values = ops.where(inside, values, ops.cast(fill_value, FLOAT))
     return ops.reshape(values, (-1,) + point_dims + (channels,))
 
@@ -199,11 +198,16 @@ def domain_weight(points: Tensor, shape: Shape, spacing: Tensor) -> Tensor:
     linearly to 0 at the domain edge (the half cell where :func:`sample` holds the border value)
     and 0 beyond. Continuous in the points, so round-off cannot flip it (a hard inside/outside
     test did: graph and eager results then differ); no gradient flows through it."""
-    extent = ops.convert_to_tensor(np.asarray(shape, np.float32))
     index = points / ops.reshape(spacing, (-1,) + (1,) * (len(points.shape) - 2) + (3,)) - 0.5
-    depth = ops.minimum(index + 0.5, extent - 0.5 - index)  # cells to the nearer edge, per axis
-    weight = ops.clip(2.0 * ops.min(depth, axis=-1, keepdims=True), 0.0, 1.0)
-    return ops.stop_gradient(weight)
+    return ops.stop_gradient(ops.clip(2.0 * _edge_depth(index, shape), 0.0, 1.0))
+
+
+def _edge_depth(index: Tensor, shape: Shape) -> Tensor:
+    """Cells from voxel coordinates ``index (..., 3)`` to the nearest edge of a grid of ``shape``
+    cells (its domain is ``[-0.5, n - 0.5]`` per axis), ``(..., 1)``; negative outside."""
+    extent = ops.convert_to_tensor(np.asarray(shape, np.float32))
+    depth = ops.minimum(index + 0.5, extent - 0.5 - index)
+    return ops.min(depth, axis=-1, keepdims=True)
 
 
 def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: Tensor, i1: Tensor,
