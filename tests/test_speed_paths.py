@@ -198,3 +198,20 @@ def test_compiled_geometry_on_many_grids_traces_each_once_without_retracing_warn
     expected = np.asarray(geometry.resample(np.arange(8**3, dtype=np.float32).reshape(1, 8, 8, 8, 1),
                                             np.float32(2.0), (4, 4, 4)))
     np.testing.assert_allclose(results[0], expected, rtol=1e-6)
+
+
+def test_moving_on_fixed_grid_is_the_warp_by_a_zero_field():
+    """The overlay's "before" image: an axis-aligned resampling, or the moving image itself on
+    the same grid, must be what warping by a zero field gives (air outside the moving scan)."""
+    rng = np.random.default_rng(3)
+    pair = {"fixed": rng.normal(size=(10, 12, 9)).astype(np.float32),
+            "spacing_fixed": np.array([2.0, 1.5, 3.0]),
+            "moving": rng.normal(size=(7, 15, 11)).astype(np.float32),
+            "spacing_moving": np.array([2.5, 1.0, 2.0])}  # shorter along axes 0 and 2
+    zero = np.zeros((10, 12, 9, 3), np.float32)
+    before = inference.moving_on_fixed_grid(pair)
+    np.testing.assert_allclose(before, inference.warp_moving(pair, zero), atol=1e-4)
+    assert (before[-1] == -1000.0).all()  # past the moving scan's end: air
+    same = dict(pair, moving=pair["fixed"], spacing_moving=pair["spacing_fixed"])
+    np.testing.assert_allclose(inference.moving_on_fixed_grid(same),
+                               inference.warp_moving(same, zero), atol=1e-4)

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,8 @@ from tfmlreg.data import io, phantom as phantoms, synthetic
 from tfmlreg.data.checks import check_pair
 from tfmlreg.data.io import DataError
 from tfmlreg.figures import save_overlays
-from tfmlreg.inference import (NO_MODEL, Predictor, load_model, load_predictor, register_pair,
-                               warp_moving)
+from tfmlreg.inference import (NO_MODEL, Predictor, load_model, load_predictor,
+                               moving_on_fixed_grid, register_pair)
 from tfmlreg.types import PathLike, Shape, Spacing
 
 if TYPE_CHECKING:
@@ -264,21 +265,33 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     start = time.perf_counter()
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
     affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
-    io.write_image(os.path.join(out_dir, "warped.nii.gz"), result["warped"], spacing, affine)
-    io.write_displacement(os.path.join(out_dir, "displacement.nii.gz"), result["displacement"],
-                          spacing, affine)
-    io.write_image(os.path.join(out_dir, "jacobian_determinant.nii.gz"),
-                   metrics.jacobian_determinant(result["displacement"], spacing), spacing, affine)
-    summary = _summary(evaluation.evaluate_pair(pair, result))
-    if figures:  # part of seconds_outputs; --no-figures skips it
-        save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
-                     result["displacement"])
+    # The three volumes are written side by side: zlib lets go of the GIL while it compresses,
+    # which is most of writing a full-resolution CT's files (16 s of 30 for a 512×512×133 pair).
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        writes = [
+            pool.submit(io.write_image, os.path.join(out_dir, "warped.nii.gz"), result["warped"],
+                        spacing, affine),
+            pool.submit(io.write_displacement, os.path.join(out_dir, "displacement.nii.gz"),
+                        result["displacement"], spacing, affine),
+            pool.submit(_write_jacobian, os.path.join(out_dir, "jacobian_determinant.nii.gz"),
+                        result["displacement"], spacing, affine)]
+        summary = _summary(evaluation.evaluate_pair(pair, result))
+        if figures:  # part of seconds_outputs; --no-figures skips it
+            save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
+                         result["displacement"])
+        for write in writes:
+            write.result()  # a failed write raises here, before metrics.json
     times = dict(result, seconds_loading=seconds_loading,
                  seconds_outputs=time.perf_counter() - start)
     summary["registered"].update({key: float(times[key]) for key in PART_TIMES})
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+def _write_jacobian(path: PathLike, displacement: ArrayLike, spacing: Spacing,
+                    affine: ArrayLike | None) -> None:
+    io.write_image(path, metrics.jacobian_determinant(displacement, spacing), spacing, affine)
 
 
 # The parts of a registration's time (metrics.json, "registered"): loading the model, the network,
@@ -316,8 +329,7 @@ def save_overlay(path: PathLike, pair: Mapping[str, Any], warped: ArrayLike,
     """Overlays before and after: the moving image resampled onto the fixed grid (the identity
     map: the pair may have different shapes and spacings) and the warped image, on the fixed;
     with ``displacement`` also its Jacobian and what it takes from outside the moving scan."""
-    identity = np.zeros(np.shape(pair["fixed"]) + (3,), np.float32)
-    save_overlays(path, pair["fixed"], {"before": warp_moving(pair, identity), "after": warped},
+    save_overlays(path, pair["fixed"], {"before": moving_on_fixed_grid(pair), "after": warped},
                   pair["spacing_fixed"], displacement=displacement, title=pair.get("name"),
                   moving_extent_mm=np.shape(pair["moving"]) * np.asarray(pair["spacing_moving"]))
 

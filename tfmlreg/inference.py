@@ -319,3 +319,16 @@ def warp_moving(pair: Mapping[str, Any], displacement: ArrayLike) -> Array:
                              points + np.asarray(displacement, np.float32)[None],
                              np.asarray(pair["spacing_moving"], np.float32), fill_value=AIR_HU)
     return np.asarray(warped)[0, ..., 0]
+
+
+def moving_on_fixed_grid(pair: Mapping[str, Any]) -> Array:
+    """The moving image on the fixed grid with no motion: :func:`warp_moving` of a zero field
+    (air outside the moving scan), computed as an axis-aligned resampling (both grids start at the
+    frame's origin), or the moving image itself on the same grid."""
+    moving = np.asarray(pair["moving"], np.float32)
+    shape, spacing = np.shape(pair["fixed"]), np.asarray(pair["spacing_fixed"], np.float32)
+    if moving.shape == shape and np.array_equal(spacing, np.asarray(pair["spacing_moving"],
+                                                                    np.float32)):
+        return moving
+    return geometry.sample_axes(moving[..., None], geometry.axis_centres(shape, spacing),
+                                pair["spacing_moving"], AIR_HU)[..., 0]

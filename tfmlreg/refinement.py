@@ -117,22 +117,25 @@ def _ratio(source_shape, target_shape):
     return np.asarray(source_shape, np.float32) / np.asarray(target_shape, np.float32)
 
 
-def smooth_resample(image, spacing, target_shape, smoothing=0.0):
-    """``image (B, D, H, W, 1)`` of ``spacing (B, 3)`` on ``target_shape`` cells of its domain,
-    smoothed first by a Gaussian of ``max((f - 1) / 2, smoothing)`` cells along an axis that
-    shrinks ``f``-fold (``(f - 1) / 2``: the anti-aliasing rule of the data pipeline, so coarse
-    levels do not alias; ``smoothing``: a floor that also smooths a level on the image's own grid,
-    against the noise in the NGF's gradients)."""
-    source = geometry.spatial_shape(image)
-    ratio = _ratio(source, target_shape)
+def smooth_resample(image, target_shape, smoothing=0.0):
+    """``image (B, D, H, W, 1)`` on ``target_shape`` cells of its domain, smoothed first by a
+    Gaussian of ``max((f - 1) / 2, smoothing)`` cells along an axis that shrinks ``f``-fold
+    (``(f - 1) / 2``: the anti-aliasing rule of the data pipeline, so coarse levels do not alias;
+    ``smoothing``: a floor that also smooths a level on the image's own grid, against the noise in
+    the NGF's gradients).
+
+    Axis by axis, the most shrinking first: a blur along one axis and the interpolation along
+    another commute, so this is the blur of the whole image followed by the resampling, with each
+    later axis blurred on a volume already shrunk along the earlier ones (a 512×512×133 CT onto a
+    refinement level: 11 s -> a few on 2 cores)."""
+    ratio = _ratio(geometry.spatial_shape(image), target_shape)
     image = ops.cast(image, geometry.FLOAT)
-    for axis, factor in enumerate(ratio):
-        sigma = max((factor - 1.0) / 2.0 if factor > 1.5 else 0.0, smoothing)
+    for axis in np.argsort(-ratio, kind="stable"):
+        sigma = max((ratio[axis] - 1.0) / 2.0 if ratio[axis] > 1.5 else 0.0, smoothing)
         if sigma > 0:
             image = _blur_axis(image, axis, sigma)
-    if tuple(target_shape) == source:
-        return image
-    return geometry.resample(image, spacing, target_shape)
+        image = geometry.resample_axis(image, int(axis), int(target_shape[axis]))
+    return image
 
 
 def _blur_axis(image, axis, sigma):
@@ -243,15 +246,13 @@ def _prepare_level(images, level_shape, delta):
     field, field_spacing = delta
     increments = geometry.resample(field, field_spacing, level_shape)
     level = {
-        "fixed": smooth_resample(images["fixed"], images["spacing_fixed"], level_shape,
-                                 images["smoothing"]),
-        "moving": smooth_resample(images["moving"], images["spacing_moving"], moving_shape,
-                                  images["smoothing"]),
+        "fixed": smooth_resample(images["fixed"], level_shape, images["smoothing"]),
+        "moving": smooth_resample(images["moving"], moving_shape, images["smoothing"]),
         "spacing": spacing, "moving_spacing": moving_spacing,
         "offset": increments + _carry_initial(images, level_shape),
     }
     if images["weights"] is not None:
-        level["weights"] = smooth_resample(images["weights"], images["spacing_fixed"], level_shape)
+        level["weights"] = smooth_resample(images["weights"], level_shape)
     return level, increments
 
 
@@ -389,12 +390,13 @@ def _coarsest_level(images, shapes, config, bar):
     anatomy) then costs one cheap level instead of leaving its error in the result; both runs
     optimise the same objective on the same grid, so their losses compare."""
     index = len(shapes) - 1
-    starts = {"zero": images}
-    if images["initial"] is not None:
-        starts = {"initial": images, "zero": dict(images, initial=None)}
+    level, increments = _prepare_level(images, shapes[index], _zero_delta(images, shapes[index]))
+    starts = {"zero": (images, level)}
+    if images["initial"] is not None:  # the zero start: the same level images, no offset
+        starts = {"initial": (images, level),
+                  "zero": (dict(images, initial=None), dict(level, offset=increments))}
     runs: dict[str, tuple] = {}
-    for name, inputs in starts.items():
-        level, increments = _prepare_level(inputs, shapes[index], _zero_delta(inputs, shapes[index]))
+    for name, (inputs, level) in starts.items():
         control, seen = _run_level(level, shapes[index], config, index, bar if not runs else None)
         runs[name] = (min(seen, default=np.inf), inputs, _level_result(level, increments, control),
                       seen)
