@@ -124,3 +124,19 @@ def test_runtime_column_leaves_out_the_warm_up_case():
     assert row.endswith("| 1.50 |")  # (1 + 2) / 2: the first case's tracing is not counted
     single = evaluation.summary_table({"network": cases[:1]}).splitlines()[-1]
     assert single.endswith("| 12.00 |")
+
+
+def test_outside_marks_on_the_view_slices_what_the_whole_volume_marks():
+    """The hatching is computed on the two view slices only; it must be those slices of the
+    whole-volume test ``x + u(x)`` outside ``[0, extent]``."""
+    rng = np.random.default_rng(5)
+    shape, spacing = (14, 11, 9), np.array([2.0, 1.5, 3.0])
+    displacement = rng.normal(0.0, 6.0, shape + (3,)).astype(np.float32)
+    extent = np.array([25.0, 15.0, 24.0])
+    points = geometry.grid_points_numpy(shape, spacing) + displacement
+    whole = np.any((points < 0.0) | (points > extent), axis=-1)
+    views = figures._outside(displacement, spacing, extent)
+    assert set(views) == {"coronal", "sagittal"}
+    for view, expected in figures._views(whole).items():
+        np.testing.assert_array_equal(views[view], expected)
+        assert 0 < expected.sum() < expected.size  # both kinds of voxel on each view

@@ -121,14 +121,22 @@ def _round_length(mm: float) -> float:
 
 
 def _outside(displacement: Array, spacing: Array, extent_mm: Array) -> dict[str, Array]:
-    """Voxels whose ``x + u(x)`` lies outside ``[0, extent_mm]`` (the moving scan), per view."""
+    """Voxels whose ``x + u(x)`` lies outside ``[0, extent_mm]`` (the moving scan), per view
+    (computed on the views' slices alone)."""
     shape = np.shape(displacement)[:3]
+    at = slice_indices(shape)
     centres = [geometry.cell_centres(np.arange(n), h) for n, h in zip(shape, spacing)]
-    out = np.zeros(shape, bool)
-    for k in range(3):
-        target = np.expand_dims(centres[k], [a for a in range(3) if a != k]) + displacement[..., k]
-        out |= (target < 0.0) | (target > extent_mm[k])
-    return _views(out)
+    out = {}
+    for view, (_, cut) in VIEWS.items():
+        index = [slice(None)] * 3
+        index[cut] = slice(at[view], at[view] + 1)
+        outside = np.zeros(np.shape(displacement[tuple(index)])[:3], bool)
+        for k in range(3):
+            axis_centres = np.expand_dims(centres[k][index[k]], [a for a in range(3) if a != k])
+            target = axis_centres + displacement[tuple(index)][..., k]
+            outside |= (target < 0.0) | (target > extent_mm[k])
+        out[view] = np.swapaxes(np.take(outside, 0, axis=cut), 0, 1)
+    return out
 
 
 def _jacobian_views(displacement: ArrayLike, spacing: Array) -> dict[str, Array]:

@@ -241,21 +241,32 @@ def sample_axes(volume: ArrayLike, axis_points: Sequence[ArrayLike], spacing: Sp
     """NumPy: ``volume (D, H, W, C)`` at the tensor grid ``axis_points[0] × [1] × [2]`` (mm per
     axis): :func:`sample` on that grid (same border rule and ``fill_value``), computed as three
     1-D interpolations (trilinear is separable), many times faster on the CPU. For axis-aligned
-    resampling: the network grid, crops, shifts, a field back to full resolution."""
+    resampling: the network grid, crops, shifts, a field back to full resolution.
+
+    The axes go from the one that grows least (or shrinks most) to the one that grows most, so
+    the large intermediate volumes come last, and each interpolation is done in place in one new
+    array (a 64³ field onto a 512×512×133 CT: most of the time is the memory of those arrays).
+    The order does not change the result: the fill is a slab per axis, which the interpolations
+    along the other axes keep."""
     out = np.asarray(volume, np.float32)
     step = np.broadcast_to(np.asarray(spacing, np.float64).reshape(-1), (3,))
-    for axis, points in enumerate(axis_points):
-        index = voxel_index(points, step[axis])
+    growth = [np.size(points) / out.shape[axis] for axis, points in enumerate(axis_points)]
+    for axis in np.argsort(growth, kind="stable"):
+        index = voxel_index(axis_points[axis], step[axis])
         lower = np.floor(index)
         shape = [1] * out.ndim
         shape[axis] = -1
         frac = (index - lower).astype(np.float32).reshape(shape)
         last = out.shape[axis] - 1
         low = np.take(out, np.clip(lower, 0, last).astype(np.int64), axis=axis)
-        out = low + (np.take(out, np.clip(lower + 1, 0, last).astype(np.int64), axis=axis) - low) * frac
+        high = np.take(out, np.clip(lower + 1, 0, last).astype(np.int64), axis=axis)
+        high -= low
+        high *= frac
+        high += low
+        out = high
         if fill_value is not None:  # outside along one axis is outside: later axes keep the fill
             outside = ((index < -0.5) | (index > last + 0.5)).reshape(shape)
-            out = np.where(outside, np.float32(fill_value), out)
+            np.copyto(out, np.float32(fill_value), where=np.broadcast_to(outside, out.shape))
     return out
 
 

@@ -84,7 +84,12 @@ def jacobian_determinant(u: ArrayLike, spacing: Spacing) -> Array:
 
 
 def folding_fraction(u: ArrayLike, spacing: Spacing) -> float:
-    """Share of voxels (in [0, 1]) where ``y = x + u`` folds, i.e. ``det(I + ∇u) <= 0``."""
+    """Share of voxels (in [0, 1]) where ``y = x + u`` folds, i.e. ``det(I + ∇u) <= 0``. A zero
+    field (the "initial" row of every evaluation) folds nowhere: answered without differences."""
+    u = _displacement(u)
+    if not np.any(u):
+        geometry.check_spacing(spacing)
+        return 0.0
     return float(np.mean(jacobian_determinant(u, spacing) <= 0))
 
 
