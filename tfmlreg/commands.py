@@ -266,7 +266,7 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     spacing = np.asarray(pair["spacing_fixed"], np.float32)
     affine = pair.get("affine_fixed")  # outputs overlay on the fixed input (diag(spacing) if none)
     # The three volumes are written side by side: zlib lets go of the GIL while it compresses,
-    # which is most of writing a full-resolution CT's files (16 s of 30 for a 512×512×133 pair).
+    # which is most of the time of writing a full-resolution CT's files.
     with ThreadPoolExecutor(max_workers=3) as pool:
         writes = [
             pool.submit(io.write_image, os.path.join(out_dir, "warped.nii.gz"), result["warped"],

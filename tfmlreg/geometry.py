@@ -245,7 +245,7 @@ def sample_axes(volume: ArrayLike, axis_points: Sequence[ArrayLike], spacing: Sp
 
     The axes go from the one that grows least (or shrinks most) to the one that grows most, so
     the large intermediate volumes come last, and each interpolation is done in place in one new
-    array (a 64³ field onto a 512×512×133 CT: most of the time is the memory of those arrays).
+    array (onto a full-resolution CT, most of the time is the memory of those arrays).
     The order does not change the result: the fill is a slab per axis, which the interpolations
     along the other axes keep."""
     out = np.asarray(volume, np.float32)
@@ -320,8 +320,8 @@ def resample(volume: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     keeps its intensities. ``spacing`` is the source grid's spacing; the weights depend on the
     two shapes alone (both grids cover one domain), so it only has to be a valid spacing. Computed
     as three 1-D interpolations (:func:`resample_axis`): the values of :func:`sample` at the new
-    cell centres, with two gathers per axis instead of eight per voxel (a field carried to a
-    512×512×133 CT: 26 s -> about 1 s on 2 cores).
+    cell centres, with two gathers per axis instead of eight per voxel (what makes carrying a
+    field to a full-resolution CT cheap: docs/RESULTS.md, ``register_full_resolution.py``).
     """
     target_shape = tuple(int(n) for n in target_shape)
     known = _known_value(spacing)

@@ -312,8 +312,8 @@ def _network_field(predictor: Predictor, pair: Mapping[str, Any]) -> tuple[Array
 
 
 # Voxels per slab of warp_moving: a few MB of temporaries each, which the allocator hands out again
-# slab after slab, where one pass over a 512×512×133 CT allocates and faults in GBs (13.7 s ->
-# about 4 s on 2 cores).
+# slab after slab, where one pass over a full-resolution CT allocates GBs of fresh memory (slow
+# to fault in: docs/RESULTS.md, register_full_resolution.py).
 WARP_SLAB_VOXELS = 1 << 21
 
 

@@ -126,8 +126,8 @@ def smooth_resample(image, target_shape, smoothing=0.0):
 
     Axis by axis, the most shrinking first: a blur along one axis and the interpolation along
     another commute, so this is the blur of the whole image followed by the resampling, with each
-    later axis blurred on a volume already shrunk along the earlier ones (a 512×512×133 CT onto a
-    refinement level: 11 s -> a few on 2 cores)."""
+    later axis blurred on a volume already shrunk along the earlier ones (a full-resolution CT
+    onto a refinement level: a fraction of the work)."""
     ratio = _ratio(geometry.spatial_shape(image), target_shape)
     image = ops.cast(image, geometry.FLOAT)
     for axis in np.argsort(-ratio, kind="stable"):
