@@ -130,10 +130,11 @@ def _outside(displacement: Array, spacing: Array, extent_mm: Array) -> dict[str,
     for view, (_, cut) in VIEWS.items():
         index = [slice(None)] * 3
         index[cut] = slice(at[view], at[view] + 1)
-        outside = np.zeros(np.shape(displacement[tuple(index)])[:3], bool)
+        slab = displacement[tuple(index)]
+        outside = np.zeros(slab.shape[:3], bool)
         for k in range(3):
             axis_centres = np.expand_dims(centres[k][index[k]], [a for a in range(3) if a != k])
-            target = axis_centres + displacement[tuple(index)][..., k]
+            target = axis_centres + slab[..., k]
             outside |= (target < 0.0) | (target > extent_mm[k])
         out[view] = np.swapaxes(np.take(outside, 0, axis=cut), 0, 1)
     return out

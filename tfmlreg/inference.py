@@ -345,5 +345,4 @@ def moving_on_fixed_grid(pair: Mapping[str, Any]) -> Array:
     if moving.shape == shape and np.array_equal(spacing, np.asarray(pair["spacing_moving"],
                                                                     np.float32)):
         return moving
-    return geometry.sample_axes(moving[..., None], geometry.axis_centres(shape, spacing),
-                                pair["spacing_moving"], AIR_HU)[..., 0]
+    return pipeline.sample_on_grid(moving, pair["spacing_moving"], shape, spacing, AIR_HU)

@@ -62,9 +62,10 @@ def _antialias(image: Array, image_spacing: Spacing, grid_spacing: Spacing) -> A
     return gaussian_filter(image, sigma) if np.any(sigma > 0) else image
 
 
-def _sample_on_grid(volume: ArrayLike, volume_spacing: Spacing, shape: Shape, grid_spacing: Spacing,
-                    fill_value: float | None = None) -> Array:
-    """``volume (D, H, W[, C])`` at the cell centres of ``shape`` cells of ``grid_spacing``."""
+def sample_on_grid(volume: ArrayLike, volume_spacing: Spacing, shape: Shape, grid_spacing: Spacing,
+                   fill_value: float | None = None) -> Array:
+    """``volume (D, H, W[, C])`` at the cell centres of ``shape`` cells of ``grid_spacing`` (both
+    grids start at the frame's origin)."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
     values = geometry.sample_axes(channels, geometry.axis_centres(shape, grid_spacing), volume_spacing,
@@ -78,7 +79,7 @@ def resample_image(image: ArrayLike, spacing: Spacing, shape: Shape,
     shape = tuple(int(n) for n in shape)
     grid_spacing = network_spacing(np.shape(image), spacing, shape)
     smoothed = _antialias(np.asarray(image, np.float32), spacing, grid_spacing)
-    return _sample_on_grid(smoothed, spacing, shape, grid_spacing, fill_value), grid_spacing
+    return sample_on_grid(smoothed, spacing, shape, grid_spacing, fill_value), grid_spacing
 
 
 def one_hot(labels: ArrayLike, num_labels: int = NUM_LABELS) -> Array:
@@ -96,9 +97,9 @@ def to_network_grid(pair: Mapping[str, Any], shape: Shape,
     out = {"spacing": spacing}
     for side in ("fixed", "moving"):
         image = _antialias(np.asarray(pair[side], np.float32), pair[f"spacing_{side}"], spacing)
-        out[side] = _sample_on_grid(image, pair[f"spacing_{side}"], shape, spacing, AIR_HU)
+        out[side] = sample_on_grid(image, pair[f"spacing_{side}"], shape, spacing, AIR_HU)
         if pair.get(f"{side}_labels") is not None:
-            out[f"{side}_mask"] = _sample_on_grid(
+            out[f"{side}_mask"] = sample_on_grid(
                 one_hot(pair[f"{side}_labels"], num_labels), pair[f"spacing_{side}"], shape,
                 spacing, 0.0)
     return out
