@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from scipy import ndimage
 import tensorflow as tf
 from scipy.ndimage import map_coordinates
 
@@ -133,6 +134,19 @@ def test_resample_is_sampling_at_the_new_cell_centres():
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
+def test_interpolation_matrix_along_an_axis_is_resample_axis():
+    """The matrix form of the 1-D interpolation, applied along each axis (batch of 2, 3 and 1
+    channels, finer and coarser), gives what resample_axis gives."""
+    rng = np.random.default_rng(5)
+    for channels in (3, 1):
+        volume = rng.normal(size=(2, 7, 12, 5, channels)).astype(np.float32)
+        for axis, size in ((0, 16), (1, 4), (2, 9), (2, 2)):
+            matrix = geometry.interpolation_matrix(size, volume.shape[axis + 1])
+            actual = np.asarray(geometry.along_axis(volume, axis, matrix))
+            expected = np.asarray(geometry.resample_axis(volume, axis, size))
+            np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
 def test_sample_at_points_matches_reference(batch):
     image, _, spacing = batch
     rng = np.random.default_rng(2)
@@ -248,6 +262,24 @@ def test_sample_axes_is_sample_on_a_tensor_grid():
         assert got.shape == expected.shape == (5, 6, 4, 2)
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.any(got == -7.0) and np.any(got != -7.0)  # the points reach outside and inside
+
+
+def test_sample_axes_sigma_is_the_gaussian_filter_first():
+    """The anti-aliasing blur folded into sample_axes's matrices gives SciPy's gaussian_filter
+    of the whole volume followed by the sampling, fill and an unblurred axis included; a
+    grid's own centres come back unchanged."""
+    rng = np.random.default_rng(6)
+    volume = rng.normal(size=(30, 11, 16, 1)).astype(np.float32)
+    spacing = np.array([1.0, 2.0, 0.5], np.float32)
+    axes = geometry.axis_centres((7, 11, 5), spacing * np.array([4.2, 1.0, 3.1]), (1.5, -3.0, 0.0))
+    sigma = (1.6, 0.0, 1.05)
+    for fill_value in (None, -7.0):
+        expected = geometry.sample_axes(ndimage.gaussian_filter(volume, (*sigma, 0)), axes,
+                                        spacing, fill_value)
+        got = geometry.sample_axes(volume, axes, spacing, fill_value, sigma)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    own = geometry.axis_centres(volume.shape[:3], spacing)
+    np.testing.assert_array_equal(geometry.sample_axes(volume, own, spacing), volume)
 
 
 def test_domain_weight_fades_over_the_outer_half_cell():

@@ -272,10 +272,12 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
             pool.submit(io.write_image, os.path.join(out_dir, "warped.nii.gz"), result["warped"],
                         spacing, affine),
             pool.submit(io.write_displacement, os.path.join(out_dir, "displacement.nii.gz"),
-                        result["displacement"], spacing, affine),
-            pool.submit(_write_jacobian, os.path.join(out_dir, "jacobian_determinant.nii.gz"),
                         result["displacement"], spacing, affine)]
-        summary = _summary(evaluation.evaluate_pair(pair, result))
+        jacobian = metrics.jacobian_determinant(result["displacement"], spacing)  # written, and
+        writes.append(pool.submit(io.write_image,  # counted for the folding: computed once
+                                  os.path.join(out_dir, "jacobian_determinant.nii.gz"), jacobian,
+                                  spacing, affine))
+        summary = _summary(evaluation.evaluate_pair(pair, result, jacobian))
         if figures:  # part of seconds_outputs; --no-figures skips it
             save_overlay(os.path.join(out_dir, "overlay.png"), pair, result["warped"],
                          result["displacement"])
@@ -287,11 +289,6 @@ def register_and_write(predictor: Predictor | None, pair: Mapping[str, Any], out
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
-
-
-def _write_jacobian(path: PathLike, displacement: ArrayLike, spacing: Spacing,
-                    affine: ArrayLike | None) -> None:
-    io.write_image(path, metrics.jacobian_determinant(displacement, spacing), spacing, affine)
 
 
 # The parts of a registration's time (metrics.json, "registered"): loading the model, the network,

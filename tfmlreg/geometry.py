@@ -237,37 +237,88 @@ def _trilinear(volume: Tensor, dims: tuple[int, ...], batch: int | Tensor, i0: T
 
 
 def sample_axes(volume: ArrayLike, axis_points: Sequence[ArrayLike], spacing: Spacing,
-                fill_value: float | None = None) -> Array:
+                fill_value: float | None = None, sigma: ArrayLike = 0.0) -> Array:
     """NumPy: ``volume (D, H, W, C)`` at the tensor grid ``axis_points[0] × [1] × [2]`` (mm per
     axis): :func:`sample` on that grid (same border rule and ``fill_value``), computed as three
     1-D interpolations (trilinear is separable), many times faster on the CPU. For axis-aligned
     resampling: the network grid, crops, shifts, a field back to full resolution.
 
-    The axes go from the one that grows least (or shrinks most) to the one that grows most, so
-    the large intermediate volumes come last, and each interpolation is done in place in one new
-    array (onto a full-resolution CT, most of the time is the memory of those arrays).
-    The order does not change the result: the fill is a slab per axis, which the interpolations
-    along the other axes keep."""
+    Each 1-D interpolation is a matrix product (:func:`linear_weights`, :func:`along_axis_numpy`):
+    BLAS, one new array per axis and no gathers (a network field onto a 512×512×133 CT: 0.13 s
+    against 2-5 s with two gathers per axis). The axes go from the one that grows least (or
+    shrinks most) to the one that grows most, so the large intermediate volumes come last. The
+    order does not change the result: the fill is a slab per axis, which the interpolations
+    along the other axes keep (their weights sum to one).
+
+    ``sigma`` (cells of ``volume``, per axis or one for all): a Gaussian blur before the sampling
+    (anti-aliasing), SciPy's ``gaussian_filter`` (taps to 4σ, border mirrored) folded into the
+    same matrices: blurs along different axes commute with the interpolations along the others."""
     out = np.asarray(volume, np.float32)
     step = np.broadcast_to(np.asarray(spacing, np.float64).reshape(-1), (3,))
+    sigma = np.broadcast_to(np.asarray(sigma, np.float64), (3,))
     growth = [np.size(points) / out.shape[axis] for axis, points in enumerate(axis_points)]
     for axis in np.argsort(growth, kind="stable"):
         index = voxel_index(axis_points[axis], step[axis])
-        lower = np.floor(index)
-        shape = [1] * out.ndim
-        shape[axis] = -1
-        frac = (index - lower).astype(np.float32).reshape(shape)
         last = out.shape[axis] - 1
-        low = np.take(out, np.clip(lower, 0, last).astype(np.int64), axis=axis)
-        high = np.take(out, np.clip(lower + 1, 0, last).astype(np.int64), axis=axis)
-        high -= low
-        high *= frac
-        high += low
-        out = high
+        matrix = linear_weights(index, last + 1)
+        if sigma[axis] > 0:
+            radius = int(4.0 * sigma[axis] + 0.5)  # SciPy's default truncation
+            matrix = matrix @ gaussian_matrix(last + 1, sigma[axis], radius)
+        elif np.array_equal(index, np.arange(last + 1)):  # this axis's own centres: nothing to do
+            continue
+        out = along_axis_numpy(out, int(axis), matrix.astype(np.float32))
         if fill_value is not None:  # outside along one axis is outside: later axes keep the fill
+            shape = [1] * out.ndim
+            shape[axis] = -1
             outside = ((index < -0.5) | (index > last + 0.5)).reshape(shape)
             np.copyto(out, np.float32(fill_value), where=np.broadcast_to(outside, out.shape))
     return out
+
+
+def linear_weights(index: ArrayLike, size: int) -> Array:
+    """NumPy: ``(len(index), size)`` float32 weights of linear interpolation at the fractional
+    voxel positions ``index`` of an axis of ``size`` cells, border values held beyond the
+    outermost centres (the rule of :func:`sample`)."""
+    index = np.asarray(index, np.float64).reshape(-1)
+    lower = np.floor(index)
+    frac = index - lower
+    rows = np.arange(index.size)
+    matrix = np.zeros((index.size, size), np.float32)
+    np.add.at(matrix, (rows, np.clip(lower, 0, size - 1).astype(np.int64)), 1.0 - frac)
+    np.add.at(matrix, (rows, np.clip(lower + 1, 0, size - 1).astype(np.int64)), frac)
+    return matrix
+
+
+def gaussian_matrix(size: int, sigma: float, radius: int) -> Array:
+    """NumPy: ``(size, size)`` float64 weights of a Gaussian blur of ``sigma`` cells along one
+    axis, taps to ``radius`` (>= 1) normalised, the border mirrored with its edge cell repeated
+    (SciPy's ``reflect``)."""
+    offsets = np.arange(-max(radius, 1), max(radius, 1) + 1)
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    rows = np.arange(size)
+    columns = np.mod(rows[:, None] + offsets[None, :], 2 * size)  # mirrored: period 2·size
+    columns = np.where(columns < size, columns, 2 * size - 1 - columns)
+    matrix = np.zeros((size, size))
+    np.add.at(matrix, (np.broadcast_to(rows[:, None], columns.shape), columns),
+              np.broadcast_to(taps / taps.sum(), columns.shape))
+    return matrix
+
+
+def along_axis_numpy(volume: Array, axis: int, matrix: Array) -> Array:
+    """NumPy: ``volume (..., n along axis, ...)`` with the ``(m, n)`` ``matrix`` applied along
+    ``axis``: :func:`along_axis` for a NumPy volume of any rank, float32."""
+    shape = list(volume.shape)
+    size = shape[axis]
+    before, after = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+    blocks = np.ascontiguousarray(volume, np.float32).reshape(before, size, after)
+    if after == 1:
+        out = blocks[..., 0] @ matrix.T
+    elif after < 16:  # few values per line (the last axis of a field): lines as rows, not tiny products
+        out = np.ascontiguousarray((blocks.transpose(0, 2, 1) @ matrix.T).transpose(0, 2, 1))
+    else:
+        out = np.matmul(matrix, blocks)
+    shape[axis] = matrix.shape[0]
+    return out.reshape(shape)
 
 
 def axis_centres(shape: Shape, spacing: Spacing, offset_mm: Spacing = 0.0) -> list[Array]:
@@ -348,6 +399,29 @@ def resample_axis(volume: Tensor, axis: int, size: int) -> Tensor:
     low = ops.take(volume, np.clip(lower, 0, source - 1).astype(np.int32), axis=axis + 1)
     high = ops.take(volume, np.clip(lower + 1, 0, source - 1).astype(np.int32), axis=axis + 1)
     return low + (high - low) * weight
+
+
+def interpolation_matrix(size: int, source: int) -> Array:
+    """NumPy: ``(size, source)`` float32 weights of :func:`resample_axis` as a matrix: the value at
+    cell centre ``i`` of ``size`` cells from the two of ``source`` cells around it over the same
+    extent (border values held)."""
+    return linear_weights((np.arange(size) + 0.5) * source / size - 0.5, source)
+
+
+def along_axis(volume: Tensor, axis: int, matrix: ArrayLike) -> Tensor:
+    """``volume (B, D, H, W, C)`` with the ``(m, n)`` ``matrix`` applied along spatial ``axis``
+    (0-2, ``n`` cells there, ``m`` after): any linear 1-D operator (interpolation, blur, both
+    at once) as a matrix product, on the memory layout as it is (no transposes)."""
+    shape = [int(n) for n in volume.shape[1:]]
+    size, after = shape[axis], int(np.prod(shape[axis + 1:]))
+    weights = np.asarray(matrix, np.float32)
+    rows = int(weights.shape[0])
+    if after == 1:  # the last axis of a one-channel volume: one (·, n) @ (n, m) product
+        out = ops.matmul(ops.reshape(volume, (-1, size)), ops.convert_to_tensor(weights.T))
+    else:
+        out = ops.matmul(ops.convert_to_tensor(weights), ops.reshape(volume, (-1, size, after)))
+    shape[axis] = rows
+    return ops.reshape(out, (-1, *shape))
 
 
 def resample_displacement(displacement: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:

@@ -83,10 +83,16 @@ def jacobian_determinant(u: ArrayLike, spacing: Spacing) -> Array:
     return det
 
 
-def folding_fraction(u: ArrayLike, spacing: Spacing) -> float:
+def folding_fraction(u: ArrayLike, spacing: Spacing, jacobian: ArrayLike | None = None) -> float:
     """Share of voxels (in [0, 1]) where ``y = x + u`` folds, i.e. ``det(I + ∇u) <= 0``. A zero
-    field (the "initial" row of every evaluation) folds nowhere: answered without differences."""
+    field (the "initial" row of every evaluation) folds nowhere: answered without differences.
+    ``jacobian``: :func:`jacobian_determinant` of ``u`` when the caller has it already (a
+    full-resolution CT's takes seconds), so it is not computed twice."""
     u = _displacement(u)
+    if jacobian is not None:
+        if np.shape(jacobian) != u.shape[:3]:
+            raise ValueError(f"jacobian: expected shape {u.shape[:3]}, got {np.shape(jacobian)}")
+        return float(np.mean(np.asarray(jacobian) <= 0))
     if not np.any(u):
         geometry.check_spacing(spacing)
         return 0.0

@@ -126,41 +126,22 @@ def smooth_resample(image, target_shape, smoothing=0.0):
 
     Axis by axis, the most shrinking first: a blur along one axis and the interpolation along
     another commute, so this is the blur of the whole image followed by the resampling, with each
-    later axis blurred on a volume already shrunk along the earlier ones (a full-resolution CT
-    onto a refinement level: a fraction of the work)."""
+    later axis done on a volume already shrunk along the earlier ones. Along an axis the blur and
+    the interpolation are one ``(target, source)`` matrix, applied as a matrix product: onto a
+    refinement level from a full-resolution CT (512 cells shrinking 4.6-fold), one BLAS call
+    instead of a wide convolution over the whole scan and a gather."""
     ratio = _ratio(geometry.spatial_shape(image), target_shape)
     image = ops.cast(image, geometry.FLOAT)
     for axis in np.argsort(-ratio, kind="stable"):
         sigma = max((ratio[axis] - 1.0) / 2.0 if ratio[axis] > 1.5 else 0.0, smoothing)
+        size, target = int(image.shape[axis + 1]), int(target_shape[axis])
         if sigma > 0:
-            image = _blur_axis(image, axis, sigma)
-        image = geometry.resample_axis(image, int(axis), int(target_shape[axis]))
+            blur = geometry.gaussian_matrix(size, sigma, int(np.ceil(2.5 * sigma)))
+            image = geometry.along_axis(image, int(axis),
+                                        geometry.interpolation_matrix(target, size) @ blur)
+        else:
+            image = geometry.resample_axis(image, int(axis), target)
     return image
-
-
-def _blur_axis(image, axis, sigma):
-    radius = max(int(np.ceil(2.5 * sigma)), 1)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel_shape = [1, 1, 1, 1, 1]
-    kernel_shape[axis] = 2 * radius + 1
-    kernel = ops.convert_to_tensor((taps / taps.sum()).reshape(kernel_shape).astype(np.float32))
-    padding = [[0, 0]] * 5
-    padding[axis + 1] = [radius, radius]
-    return ops.conv(ops.pad(image, padding, mode="symmetric"), kernel, padding="valid")
-
-
-def interpolation_matrix(fine, coarse):
-    """``(fine, coarse)`` weights of trilinear prolongation along one axis of a cell-centred grid:
-    the value at fine centre ``i`` from the coarse centres around it (border values held), exactly
-    what :func:`tfmlreg.geometry.resample` does per axis."""
-    position = (np.arange(fine) + 0.5) * coarse / fine - 0.5
-    lower = np.clip(np.floor(position), 0, coarse - 1).astype(int)
-    upper = np.minimum(lower + 1, coarse - 1)
-    weight = np.clip(position - lower, 0.0, 1.0)
-    matrix = np.zeros((fine, coarse), np.float32)
-    np.add.at(matrix, (np.arange(fine), lower), 1.0 - weight)
-    np.add.at(matrix, (np.arange(fine), upper), weight)
-    return matrix
 
 
 def prolongate(control, shape):
@@ -172,7 +153,7 @@ def prolongate(control, shape):
     source = geometry.spatial_shape(control)
     out = ops.cast(control, geometry.FLOAT)
     for axis, subscripts in enumerate(("zi,bijkc->bzjkc", "zj,bijkc->bizkc", "zk,bijkc->bijzc")):
-        matrix = ops.convert_to_tensor(interpolation_matrix(shape[axis], source[axis]))
+        matrix = ops.convert_to_tensor(geometry.interpolation_matrix(shape[axis], source[axis]))
         out = ops.einsum(subscripts, matrix, out)
     return out
 

@@ -59,6 +59,10 @@ FRAME_TOLERANCE_MM = 1e-3  # grids whose voxel positions agree this well share a
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # nibabel's world (RAS+) to ITK's (LPS), and back
 SIMPLEITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DISPLACEMENT_DESCRIPTION = "ITK displacement field: y(x) = x + u(x), u in LPS world mm"
+# The displacement's .nii.gz is a gzip container without compression (deflate's stored blocks,
+# readable by every gzip reader): a field's float32 values are noise to deflate, whose fastest
+# level saves 8 % of a full-resolution CT's field (418 -> 383 MB) for 10.7 s of one core.
+DISPLACEMENT_COMPRESSLEVEL = 0
 DIRLAB_SLICE_MM = 2.5
 DIRLAB_CASES = {  # case: ((x, y, z) voxels, in-plane spacing mm)
     1: ((256, 256, 94), 0.97), 2: ((256, 256, 112), 1.16), 3: ((256, 256, 104), 1.15),
@@ -437,7 +441,11 @@ def write_displacement(path: PathLike, displacement: ArrayLike, spacing: Spacing
     image = _nifti(vectors, spacing, frame)
     image.header.set_intent("vector")
     image.header["descrip"] = DISPLACEMENT_DESCRIPTION.encode()
-    nib.save(image, path)
+    if not os.fspath(path).endswith(".gz"):
+        nib.save(image, path)
+        return
+    with nib.openers.Opener(path, "wb", compresslevel=DISPLACEMENT_COMPRESSLEVEL) as stream:
+        image.to_stream(stream)
 
 
 def read_displacement(path: PathLike) -> tuple[Array, Array]:

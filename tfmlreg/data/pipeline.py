@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import tensorflow as tf
 from numpy.typing import ArrayLike
-from scipy.ndimage import gaussian_filter
 
 from tfmlreg import geometry
 from tfmlreg.ct import AIR_HU, NUM_LABELS
@@ -56,20 +55,23 @@ def network_spacing(image_shape: Shape, spacing: Spacing, shape: Shape) -> Array
             / np.asarray(shape, np.float64)).astype(np.float32)
 
 
-def _antialias(image: Array, image_spacing: Spacing, grid_spacing: Spacing) -> Array:
+def antialias_sigma(image_spacing: Spacing, grid_spacing: Spacing) -> Array:
+    """Gaussian σ (cells of the image, per axis) before sampling it on a grid of ``grid_spacing``:
+    ``(f - 1) / 2`` along an axis that coarsens ``f > 1.5``-fold, none otherwise."""
     factor = np.asarray(grid_spacing, np.float64) / np.asarray(image_spacing, np.float64)
-    sigma = np.where(factor > 1.5, (factor - 1.0) / 2.0, 0.0)
-    return gaussian_filter(image, sigma) if np.any(sigma > 0) else image
+    return np.where(factor > 1.5, (factor - 1.0) / 2.0, 0.0)
 
 
 def sample_on_grid(volume: ArrayLike, volume_spacing: Spacing, shape: Shape, grid_spacing: Spacing,
-                   fill_value: float | None = None) -> Array:
+                   fill_value: float | None = None, antialias: bool = False) -> Array:
     """``volume (D, H, W[, C])`` at the cell centres of ``shape`` cells of ``grid_spacing`` (both
-    grids start at the frame's origin)."""
+    grids start at the frame's origin); with ``antialias``, blurred first by
+    :func:`antialias_sigma` (in the same pass: :func:`tfmlreg.geometry.sample_axes`)."""
     volume = np.asarray(volume, np.float32)
     channels = volume[..., None] if volume.ndim == 3 else volume
+    sigma = antialias_sigma(volume_spacing, grid_spacing) if antialias else 0.0
     values = geometry.sample_axes(channels, geometry.axis_centres(shape, grid_spacing), volume_spacing,
-                                  fill_value)
+                                  fill_value, sigma)
     return values[..., 0] if volume.ndim == 3 else values
 
 
@@ -78,8 +80,7 @@ def resample_image(image: ArrayLike, spacing: Spacing, shape: Shape,
     """``(image on shape cells over its own extent, their spacing)``, anti-aliased, trilinear."""
     shape = tuple(int(n) for n in shape)
     grid_spacing = network_spacing(np.shape(image), spacing, shape)
-    smoothed = _antialias(np.asarray(image, np.float32), spacing, grid_spacing)
-    return sample_on_grid(smoothed, spacing, shape, grid_spacing, fill_value), grid_spacing
+    return sample_on_grid(image, spacing, shape, grid_spacing, fill_value, antialias=True), grid_spacing
 
 
 def one_hot(labels: ArrayLike, num_labels: int = NUM_LABELS) -> Array:
@@ -96,8 +97,8 @@ def to_network_grid(pair: Mapping[str, Any], shape: Shape,
     spacing = network_spacing(fixed_shape, pair["spacing_fixed"], shape)
     out = {"spacing": spacing}
     for side in ("fixed", "moving"):
-        image = _antialias(np.asarray(pair[side], np.float32), pair[f"spacing_{side}"], spacing)
-        out[side] = sample_on_grid(image, pair[f"spacing_{side}"], shape, spacing, AIR_HU)
+        out[side] = sample_on_grid(pair[side], pair[f"spacing_{side}"], shape, spacing, AIR_HU,
+                                   antialias=True)
         if pair.get(f"{side}_labels") is not None:
             out[f"{side}_mask"] = sample_on_grid(
                 one_hot(pair[f"{side}_labels"], num_labels), pair[f"spacing_{side}"], shape,
