@@ -41,6 +41,10 @@ def test_folding_fraction_of_a_known_folded_region():
     np.testing.assert_allclose(det[:, 0, 0], [1, 1, 1, -1, -3, -3, -3, -1, 1, 1, 1, 1, 1, 1, 1, 1])
     assert metrics.folding_fraction(u, H) == pytest.approx(5 / 16)
     assert metrics.folding_fraction(np.zeros(shape + (3,)), H) == 0.0
+    # a determinant computed already (register writes it) is counted, not computed again
+    assert metrics.folding_fraction(u, H, jacobian=det) == pytest.approx(5 / 16)
+    with pytest.raises(ValueError, match="jacobian"):
+        metrics.folding_fraction(u, H, jacobian=det[1:])
 
 
 def test_dice_against_hand_counts():
