@@ -134,16 +134,23 @@ def test_resample_is_sampling_at_the_new_cell_centres():
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
-def test_interpolation_matrix_along_an_axis_is_resample_axis():
-    """The matrix form of the 1-D interpolation, applied along each axis (batch of 2, 3 and 1
-    channels, finer and coarser), gives what resample_axis gives."""
+def test_resample_axis_is_linear_interpolation_between_centres():
+    """The matrix form of the 1-D interpolation along each axis (batch of 2, 3 and 1 channels,
+    finer and coarser) is NumPy's linear interpolation between the cell centres of one extent,
+    border values held."""
     rng = np.random.default_rng(5)
     for channels in (3, 1):
         volume = rng.normal(size=(2, 7, 12, 5, channels)).astype(np.float32)
         for axis, size in ((0, 16), (1, 4), (2, 9), (2, 2)):
-            matrix = geometry.interpolation_matrix(size, volume.shape[axis + 1])
-            actual = np.asarray(geometry.along_axis(volume, axis, matrix))
-            expected = np.asarray(geometry.resample_axis(volume, axis, size))
+            source = volume.shape[axis + 1]
+            centres = (np.arange(size) + 0.5) * source / size - 0.5  # in source cells
+            cells = np.arange(source)
+
+            def interpolate(line, x=centres, xp=cells):
+                return np.interp(x, xp, line)
+
+            expected = np.apply_along_axis(interpolate, axis + 1, volume)
+            actual = np.asarray(geometry.resample_axis(volume, axis, size))
             np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 

@@ -370,35 +370,32 @@ def resample(volume: Tensor, spacing: Spacing, target_shape: Shape) -> Tensor:
     Values are not rescaled: a displacement in mm keeps its mm values (prolongation), an image
     keeps its intensities. ``spacing`` is the source grid's spacing; the weights depend on the
     two shapes alone (both grids cover one domain), so it only has to be a valid spacing. Computed
-    as three 1-D interpolations (:func:`resample_axis`): the values of :func:`sample` at the new
-    cell centres, with two gathers per axis instead of eight per voxel (what makes carrying a
-    field to a full-resolution CT cheap: docs/RESULTS.md, ``register_full_resolution.py``).
+    as three 1-D interpolations (:func:`resample_axis`), the most shrinking axis first and the
+    most growing last (small intermediate volumes): the values of :func:`sample` at the new cell
+    centres, a matrix product per axis instead of eight gathers per voxel (what makes carrying
+    a field to or from a full-resolution CT cheap: docs/RESULTS.md,
+    ``register_full_resolution.py``).
     """
     target_shape = tuple(int(n) for n in target_shape)
     known = _known_value(spacing)
     if known is not None:  # checked as every grid function checks it, though not used
         _checked_values(known, "spacing")
     out = ops.cast(volume, FLOAT)
-    for axis, size in enumerate(target_shape):
-        out = resample_axis(out, axis, size)
+    growth = np.asarray(target_shape, np.float64) / np.asarray(spatial_shape(out), np.float64)
+    for axis in np.argsort(growth, kind="stable"):
+        out = resample_axis(out, int(axis), target_shape[axis])
     return out
 
 
 def resample_axis(volume: Tensor, axis: int, size: int) -> Tensor:
     """``volume (B, D, H, W, C)`` on ``size`` cells along spatial ``axis`` (0-2) over the same
     extent: linear interpolation between cell centres, border values held beyond the outermost
-    ones (as :func:`sample` does). The indices and weights are constants of the two sizes."""
+    ones (as :func:`sample` does), as the matrix product :func:`along_axis` with
+    :func:`interpolation_matrix` (constants of the two sizes)."""
     source = int(volume.shape[axis + 1])
     if source == size:
         return volume
-    index = (np.arange(size) + 0.5) * (source / size) - 0.5
-    lower = np.floor(index)
-    shape = [1] * 5
-    shape[axis + 1] = size
-    weight = ops.convert_to_tensor((index - lower).astype(np.float32).reshape(shape))
-    low = ops.take(volume, np.clip(lower, 0, source - 1).astype(np.int32), axis=axis + 1)
-    high = ops.take(volume, np.clip(lower + 1, 0, source - 1).astype(np.int32), axis=axis + 1)
-    return low + (high - low) * weight
+    return along_axis(volume, axis, interpolation_matrix(size, source))
 
 
 def interpolation_matrix(size: int, source: int) -> Array:

@@ -39,6 +39,7 @@ Every read error is a :class:`DataError` whose one-line message names the file.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import itertools
 import locale
 import os
@@ -444,7 +445,7 @@ def write_displacement(path: PathLike, displacement: ArrayLike, spacing: Spacing
     if not os.fspath(path).endswith(".gz"):
         nib.save(image, path)
         return
-    with nib.openers.Opener(path, "wb", compresslevel=DISPLACEMENT_COMPRESSLEVEL) as stream:
+    with gzip.GzipFile(os.fspath(path), "wb", compresslevel=DISPLACEMENT_COMPRESSLEVEL) as stream:
         image.to_stream(stream)
 
 
