@@ -145,11 +145,17 @@ def smooth_resample(image, target_shape, smoothing=0.0):
 
 
 def prolongate(control, shape):
-    """``control (B, d, h, w, C)`` carried trilinearly to ``shape`` over the same domain:
-    :func:`tfmlreg.geometry.resample`, whose matrix products per axis make the gradient with
-    respect to ``control`` matrix products too (a gather's gradient is a scatter-add, which XLA
-    runs serially on CPU: the slowest part of a step otherwise)."""
-    return geometry.resample(control, 1.0, shape)
+    """``control (B, d, h, w, C)`` carried trilinearly to ``shape`` over the same domain.
+
+    Separable: three small matrix products instead of eight gathers per fine voxel, so the
+    gradient with respect to ``control`` is matrix products too (a gather's gradient is a
+    scatter-add, which XLA runs serially on CPU: the slowest part of a step otherwise)."""
+    source = geometry.spatial_shape(control)
+    out = ops.cast(control, geometry.FLOAT)
+    for axis, subscripts in enumerate(("zi,bijkc->bzjkc", "zj,bijkc->bizkc", "zk,bijkc->bijzc")):
+        matrix = ops.convert_to_tensor(geometry.interpolation_matrix(shape[axis], source[axis]))
+        out = ops.einsum(subscripts, matrix, out)
+    return out
 
 
 # --- one Adam step on one level -----------------------------------------------------------------
